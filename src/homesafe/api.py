@@ -1,0 +1,767 @@
+"""homesafe's public operations: back up apps, restore them, read archives.
+
+The semantics follow the reference design (lockdown, services stopped in reverse order
+and restarted in order, pre/post hooks around the engine, a :class:`Packet` given to
+hooks and to an optional custom handler, :class:`BackupError` records) without its
+gaps: nothing is swallowed, every error ends up in the :class:`OperationResult`, and
+services and lockdown are put back in ``finally`` whatever failed.
+
+Strategies in this release: ``stop`` (services stopped for the archive run) and
+``live`` (no services to stop). A restore uses the manifests stored in the archive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from homesafe import archives, locations, state
+from homesafe.apps import App, dependency_order, load_apps, select
+from homesafe.consistency import lockdown
+from homesafe.consistency.services import ServiceController
+from homesafe.engines import engine_for
+from homesafe.engines.base import ArchiveEntry, ArchiveStats, Progress, ProgressCallback
+from homesafe.errors import (
+    EXIT_FAILURE,
+    EXIT_PARTIAL,
+    EXIT_SUCCESS,
+    AppNotFoundError,
+    CommandError,
+    EngineError,
+    HomesafeError,
+    ManifestError,
+    RepositoryNotFoundError,
+)
+from homesafe.hooks import HookOutcome, run_hook
+from homesafe.manifest import Manifest, is_inside, parse_manifest
+from homesafe.repositories import Repository, default_repository, generate_passphrase
+
+__all__ = [
+    "AppResult",
+    "ArchiveInfo",
+    "BackupError",
+    "OperationResult",
+    "Packet",
+    "archive_details",
+    "backup_apps",
+    "delete_archives",
+    "export_archive",
+    "export_key",
+    "get_setting",
+    "list_archives",
+    "restore_apps",
+    "set_setting",
+]
+
+Handler = Callable[..., Any]
+Status = Literal["ok", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class BackupError:
+    """One thing that went wrong for one app, compared by (type, app, hook)."""
+
+    error_type: str
+    app: str
+    hook: str | None = None
+    message: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.error_type,
+            "app": self.app,
+            "hook": self.hook,
+            "message": self.message,
+        }
+
+
+@dataclass
+class Packet:
+    """What hooks and handlers are given: the operation and the apps it covers.
+
+    ``root`` is where the apps' paths live for this operation (``/`` for a live backup
+    or restore, the target root otherwise); ``path`` is the archive name. For scope
+    ``apps``, ``directories`` and ``files`` are the union of every app's config, data
+    and secrets sections.
+    """
+
+    operation: Literal["backup", "restore"]
+    scope: Literal["apps", "full"]
+    root: str
+    apps: list[App]
+    path: str
+    archive_comment: str | None = None
+    errors: list[BackupError] = field(default_factory=list)
+
+    @property
+    def components(self) -> list[App]:
+        """The reference design's name for :attr:`apps`."""
+        return self.apps
+
+    @property
+    def directories(self) -> list[str]:
+        return [path for app in self.apps for path in app.manifest.directories]
+
+    @property
+    def files(self) -> list[str]:
+        return [path for app in self.apps for path in app.manifest.files]
+
+
+@dataclass
+class AppResult:
+    """How one app fared in one operation."""
+
+    app: str
+    status: Status = "ok"
+    strategy: str = "live"
+    downtime: float = 0.0
+    size: int = 0
+    paths: list[str] = field(default_factory=list)
+    errors: list[BackupError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    hooks: list[HookOutcome] = field(default_factory=list)
+
+    def fail(self, error_type: str, message: str, hook: str | None = None) -> None:
+        self.status = "failed"
+        self.errors.append(BackupError(error_type, self.app, hook, message))
+
+    @property
+    def active(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "status": self.status,
+            "strategy": self.strategy,
+            "downtime_seconds": round(self.downtime, 6),
+            "size": self.size,
+            "paths": self.paths,
+            "errors": [error.to_dict() for error in self.errors],
+            "warnings": self.warnings,
+            "hooks": [outcome.to_dict() for outcome in self.hooks],
+        }
+
+
+@dataclass
+class OperationResult:
+    """The outcome of a backup or restore: per-app results, archive, engine stats."""
+
+    operation: str
+    repository: str
+    archive: str
+    apps: list[AppResult] = field(default_factory=list)
+    errors: list[BackupError] = field(default_factory=list)
+    engine_stats: ArchiveStats | None = None
+    started: str = ""
+    duration: float = 0.0
+    target_root: str = "/"
+
+    @property
+    def status(self) -> Literal["ok", "partial", "failed"]:
+        statuses = {app.status for app in self.apps}
+        if (
+            self.errors
+            or not self.apps
+            or (statuses <= {"failed", "skipped"} and "failed" in statuses)
+        ):
+            return "failed"
+        if "failed" in statuses:
+            return "partial"
+        return "ok"
+
+    @property
+    def exit_code(self) -> int:
+        return {"ok": EXIT_SUCCESS, "partial": EXIT_PARTIAL, "failed": EXIT_FAILURE}[self.status]
+
+    def app(self, app_id: str) -> AppResult:
+        for result in self.apps:
+            if result.app == app_id:
+                return result
+        raise KeyError(app_id)
+
+    def all_errors(self) -> list[BackupError]:
+        return [*self.errors, *(error for app in self.apps for error in app.errors)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation,
+            "status": self.status,
+            "repository": self.repository,
+            "archive": self.archive,
+            "target_root": self.target_root,
+            "started": self.started,
+            "duration_seconds": round(self.duration, 3),
+            "apps": [app.to_dict() for app in self.apps],
+            "errors": [error.to_dict() for error in self.errors],
+            "engine": self.engine_stats.to_dict() if self.engine_stats else None,
+        }
+
+
+# -- settings store ---------------------------------------------------------------
+
+
+def get_setting(key: str, default: Any = None) -> Any:
+    """Read a value from homesafe's settings store (what apps' ``settings`` name)."""
+    return state.get_setting(key, default)
+
+
+def set_setting(key: str, value: Any) -> None:
+    """Write a JSON-serialisable value to homesafe's settings store."""
+    state.set_setting(key, value)
+
+
+# -- the quiesce / resume bracket ---------------------------------------------------
+
+
+@dataclass
+class _Quiesced:
+    """Apps held still for one operation, and what must be undone for each."""
+
+    apps: list[App]
+    results: dict[str, AppResult]
+    operation: str
+    locked: list[App] = field(default_factory=list)
+    controllers: dict[str, ServiceController] = field(default_factory=dict)
+
+    def enter(self) -> None:
+        """Lock every app down, then stop services: last app's last service first."""
+        for app in self.apps:
+            try:
+                lockdown.enter(app.manifest, self.operation)
+            except CommandError as error:
+                self.results[app.id].fail("lockdown", f"lockdown.enter failed: {error.message}")
+            # Recorded even on failure: the flag is set and must be cleared.
+            self.locked.append(app)
+        for app in reversed(self.apps):
+            result = self.results[app.id]
+            if not result.active:
+                continue
+            controller = ServiceController(app.manifest.services)
+            self.controllers[app.id] = controller
+            if app.manifest.services:
+                result.strategy = "stop"
+            try:
+                controller.stop_all()
+            except HomesafeError as error:
+                result.fail("service_stop", error.message)
+
+    def leave(self) -> None:
+        """Restart what was stopped (first app first), then lift every lockdown."""
+        for app in self.apps:
+            controller = self.controllers.get(app.id)
+            if controller is None:
+                continue
+            for failure in controller.start_all():
+                self.results[app.id].fail("service_start", failure.message)
+            self.results[app.id].downtime = controller.downtime
+        for app in reversed(self.locked):
+            try:
+                lockdown.leave(app.manifest)
+            except CommandError as error:
+                self.results[app.id].fail("lockdown", f"lockdown.leave failed: {error.message}")
+        self.locked.clear()
+
+
+def _run_hooks(
+    hook_name: str, apps: Sequence[App], results: dict[str, AppResult], packet: Packet
+) -> None:
+    """Run one hook for every still-active app, applying each app's on_error policy."""
+    for app in apps:
+        result = results[app.id]
+        if not result.active:
+            continue
+        environment = {
+            "HOMESAFE_OPERATION": packet.operation,
+            "HOMESAFE_APP": app.id,
+            "HOMESAFE_ROOT": packet.root,
+            "HOMESAFE_ARCHIVE": packet.path,
+        }
+        for outcome in run_hook(app, hook_name, packet, environment):
+            result.hooks.append(outcome)
+            if outcome.succeeded:
+                continue
+            message = f"{hook_name} hook failed: {outcome.error}"
+            error = BackupError("hook", app.id, hook_name, message)
+            packet.errors.append(error)
+            if app.manifest.hooks.on_error == "fail":
+                result.status = "failed"
+                result.errors.append(error)
+            else:
+                result.warnings.append(f"{message} (on_error = continue)")
+
+
+def _resolve_repository(repository: Repository | None) -> Repository:
+    return repository if repository is not None else default_repository()
+
+
+def _ensure_repository(repository: Repository) -> None:
+    """Create the embedded default repository on first use; others must exist."""
+    engine = engine_for(repository.engine)
+    if engine.repository_exists(repository):
+        return
+    if repository.name != default_repository().name or repository.location != str(
+        locations.default_repository()
+    ):
+        raise RepositoryNotFoundError(f"no repository at {repository.location}")
+    Path(repository.location).parent.mkdir(parents=True, exist_ok=True)
+    generate_passphrase(repository)
+    engine.initialize(repository)
+
+
+def _tree_size(path: str) -> int:
+    """Apparent size of ``path`` and everything below it; symlinks are not followed."""
+    total = 0
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        try:
+            status = os.lstat(current)
+        except OSError:
+            continue
+        total += status.st_size if not os.path.isdir(current) or os.path.islink(current) else 0
+        if os.path.isdir(current) and not os.path.islink(current):
+            try:
+                with os.scandir(current) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        else:
+                            with contextlib.suppress(OSError):
+                                total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def _staging_directory() -> tempfile.TemporaryDirectory[str]:
+    directory = locations.ensure_home() / "tmp"
+    directory.mkdir(exist_ok=True, mode=0o700)
+    return tempfile.TemporaryDirectory(prefix="operation-", dir=directory)
+
+
+# -- backup -------------------------------------------------------------------------
+
+
+def backup_apps(
+    app_ids: Sequence[str] | None = None,
+    *,
+    repository: Repository | None = None,
+    archive_name: str | None = None,
+    comment: str | None = None,
+    handler: Handler | None = None,
+    encryption_passphrase: str | None = None,
+    apps: dict[str, App] | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> OperationResult:
+    """Back up the named apps (every app when none is named) into one archive.
+
+    Apps are taken in dependency order, locked down, their running services stopped in
+    reverse order; ``backup_pre`` hooks run, then the engine (or ``handler(packet,
+    encryption_passphrase=...)`` when given, as in the reference design), then
+    ``backup_post`` hooks; finally services are restarted in order and lockdown is
+    lifted, whatever failed. Configuration problems (bad manifests, unknown apps, no
+    repository) raise before anything is touched; failures after that are recorded in
+    the returned result, whose ``status`` is ok, partial or failed.
+    """
+    started_clock = time.monotonic()
+    known = apps if apps is not None else load_apps()
+    selected = select(known, app_ids)
+    repository = _resolve_repository(repository)
+    name = archives.check_name(archive_name) if archive_name else archives.default_name()
+    result = OperationResult("backup", repository.name, name, started=_now())
+    results = {app.id: AppResult(app.id) for app in selected}
+    result.apps = [results[app.id] for app in selected]
+    packet = Packet("backup", "apps", "/", list(selected), name, comment)
+    if handler is None:
+        _ensure_repository(repository)
+        repository.passphrase()  # fails early, before any service is stopped
+    settings = {app.id: state.read_settings(app.manifest.settings) for app in selected}
+    for app in selected:
+        results[app.id].size = sum(_tree_size(path) for path in app.manifest.owned_paths())
+
+    quiesced = _Quiesced(selected, results, "backup")
+    with _staging_directory() as staging:
+        try:
+            quiesced.enter()
+            _run_hooks("backup_pre", selected, results, packet)
+            included = [app for app in selected if results[app.id].active]
+            paths: list[str] = []
+            for app in included:
+                for path in app.manifest.owned_paths():
+                    if os.path.lexists(path):
+                        results[app.id].paths.append(path)
+                        paths.append(path)
+                    else:
+                        results[app.id].warnings.append(f"{path} does not exist; not backed up")
+            packet.apps = included
+            if included and on_progress is not None:
+                total = sum(results[app.id].size for app in included)
+                on_progress(Progress("create", 0, total=total, message="starting"))
+            if included:
+                _write_backup_metadata(Path(staging), name, comment, included, results, settings)
+                stats = _create(
+                    repository, handler, encryption_passphrase, packet, name, paths,
+                    Path(staging), archives.comment_summary([a.id for a in included], comment),
+                    on_progress,
+                )  # fmt: skip
+                if stats is not None:
+                    result.engine_stats = stats
+                    _attribute_warnings(stats.warnings, included, results)
+            _run_hooks("backup_post", included, results, packet)
+        except EngineError as error:
+            for app in selected:
+                if results[app.id].active:
+                    results[app.id].fail("engine", error.message)
+            result.errors.append(BackupError("engine", "*", None, str(error)))
+        finally:
+            quiesced.leave()
+    for app in selected:
+        if results[app.id].status == "failed" and not results[app.id].errors:
+            results[app.id].fail("unknown", "failed")  # never a silent failure
+    result.duration = time.monotonic() - started_clock
+    return result
+
+
+def _write_backup_metadata(
+    staging: Path,
+    name: str,
+    comment: str | None,
+    included: Sequence[App],
+    results: dict[str, AppResult],
+    settings: dict[str, dict[str, Any]],
+) -> None:
+    entries = []
+    for app in included:
+        result = results[app.id]
+        entries.append(
+            {
+                "id": app.id,
+                "name": app.manifest.display_name,
+                "version": app.manifest.version,
+                "manifest": app.manifest.model_dump(mode="json"),
+                "strategy": result.strategy,
+                # With the stop strategy, services are still stopped while the archive
+                # is written, so the downtime is known only after it (see the result).
+                "downtime_seconds": 0.0 if result.strategy == "live" else None,
+                "status": "captured",
+                "paths": result.paths,
+                "size": result.size,
+                "settings": archives.settings_member(app.id),
+            }
+        )
+    metadata = archives.build_metadata(archive_name=name, comment=comment, apps=entries)
+    archives.write_metadata(staging, metadata, {app.id: settings[app.id] for app in included})
+
+
+def _create(
+    repository: Repository,
+    handler: Handler | None,
+    encryption_passphrase: str | None,
+    packet: Packet,
+    name: str,
+    paths: list[str],
+    staging: Path,
+    comment: str,
+    on_progress: ProgressCallback | None,
+) -> ArchiveStats | None:
+    if handler is not None:
+        handler(packet, encryption_passphrase=encryption_passphrase)
+        return None
+    engine = engine_for(repository.engine)
+    return engine.create(
+        repository,
+        name,
+        [archives.METADATA_DIRECTORY, *paths],
+        working_directory=staging,
+        comment=comment,
+        on_progress=on_progress,
+    )
+
+
+def _attribute_warnings(
+    warnings: list[str], apps: Sequence[App], results: dict[str, AppResult]
+) -> None:
+    """An engine warning about a path fails the app owning it: its copy is not whole."""
+    for warning in warnings:
+        owner = None
+        for app in apps:
+            for path in app.manifest.owned_paths():
+                if warning.startswith(path + ":") or warning.startswith(path + "/"):
+                    owner = app
+                elif f" {path}" in warning or f"'{path}" in warning:
+                    owner = owner or app
+        if owner is None:
+            for app in apps:
+                results[app.id].warnings.append(warning)
+        else:
+            results[owner.id].fail("engine", f"incomplete copy: {warning}")
+
+
+# -- restore ------------------------------------------------------------------------
+
+
+@dataclass
+class ArchiveInfo:
+    """An archive in a listing: name, time, apps (from the comment), user comment."""
+
+    name: str
+    id: str
+    time: str
+    apps: list[str]
+    comment: str
+    homesafe: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "time": self.time,
+            "apps": self.apps,
+            "comment": self.comment,
+            "homesafe": self.homesafe,
+        }
+
+
+def _existing_repository(repository: Repository | None) -> Repository:
+    repository = _resolve_repository(repository)
+    if not engine_for(repository.engine).repository_exists(repository):
+        raise RepositoryNotFoundError(
+            f"no repository at {repository.location}",
+            hint="Run `homesafe backup` first: it creates the default repository.",
+        )
+    return repository
+
+
+def list_archives(repository: Repository | None = None) -> list[ArchiveInfo]:
+    """Every archive of the repository, oldest first, with its apps."""
+    repository = _existing_repository(repository)
+    listed = []
+    for summary in engine_for(repository.engine).list_archives(repository):
+        parsed = archives.parse_comment(summary.comment)
+        listed.append(
+            ArchiveInfo(
+                summary.name,
+                summary.id,
+                summary.time,
+                parsed.apps,
+                parsed.comment,
+                parsed.is_homesafe,
+            )
+        )
+    return listed
+
+
+def read_archive_metadata(
+    archive_name: str, repository: Repository | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The archive's metadata document and the settings of each of its apps."""
+    repository = _existing_repository(repository)
+    with _staging_directory() as staging:
+        engine_for(repository.engine).extract(
+            repository, archive_name, [archives.METADATA_DIRECTORY], Path(staging)
+        )
+        metadata = archives.read_metadata(Path(staging))
+        if metadata is None:
+            raise EngineError(
+                f"archive {archive_name!r} was not written by homesafe: it has no "
+                f"{archives.METADATA_FILE}"
+            )
+        settings = {}
+        for entry in metadata.get("apps", []):
+            values = archives.read_settings(Path(staging), entry["id"])
+            if values is not None:
+                settings[entry["id"]] = values
+    return metadata, settings
+
+
+def archive_details(
+    archive_name: str, repository: Repository | None = None
+) -> tuple[dict[str, Any], list[ArchiveEntry]]:
+    """The archive's metadata and its contents (homesafe's own files left out)."""
+    repository = _existing_repository(repository)
+    metadata, _ = read_archive_metadata(archive_name, repository)
+    entries = engine_for(repository.engine).list_contents(repository, archive_name)
+    contents = [
+        entry for entry in entries if not is_inside(entry.path, archives.METADATA_DIRECTORY)
+    ]
+    return metadata, contents
+
+
+def restore_apps(
+    archive_name: str,
+    app_ids: Sequence[str] | None = None,
+    *,
+    repository: Repository | None = None,
+    target_root: str | os.PathLike[str] = "/",
+    apps: dict[str, App] | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> OperationResult:
+    """Restore the named apps (every app in the archive when none is named).
+
+    The archive's own manifests say what to restore. Into the live system
+    (``target_root`` = ``/``): apps that are not installed are installed first with
+    their ``setup.install`` command, then apps are locked down, their services
+    stopped in reverse order, ``restore_pre`` hooks run, the paths extracted, settings
+    written back, ``restore_post`` hooks run, services restarted and lockdown lifted.
+    Into another root, only the files are extracted: services, hooks and settings
+    belong to the live system and are left alone.
+    """
+    started_clock = time.monotonic()
+    repository = _existing_repository(repository)
+    target = Path(target_root).resolve()
+    live = str(target) == "/"
+    metadata, settings = read_archive_metadata(archive_name, repository)
+    stored = _stored_apps(metadata, apps if apps is not None else _local_apps_or_none(live))
+    selected = _select_from_archive(stored, app_ids)
+    result = OperationResult(
+        "restore", repository.name, archive_name, started=_now(), target_root=str(target)
+    )
+    results = {app.id: AppResult(app.id, strategy="stop" if live else "live") for app in selected}
+    result.apps = [results[app.id] for app in selected]
+    recorded_paths = {entry["id"]: entry.get("paths") for entry in metadata.get("apps", [])}
+    packet = Packet("restore", "apps", str(target), list(selected), archive_name)
+    if not target.is_dir():
+        raise HomesafeError(f"target root {target} is not a directory")
+
+    if live:
+        for app in selected:
+            _install_if_missing(app, results[app.id])
+    for app in selected:
+        if not app.manifest.services or not live:
+            results[app.id].strategy = "live"
+    quiesced = _Quiesced(selected if live else [], results, "restore")
+    try:
+        quiesced.enter()
+        if live:
+            _run_hooks("restore_pre", selected, results, packet)
+        included = [app for app in selected if results[app.id].active]
+        paths = []
+        for app in included:
+            app_paths = recorded_paths.get(app.id) or app.manifest.owned_paths()
+            results[app.id].paths = list(app_paths)
+            paths += [path.lstrip("/") for path in app_paths]
+        packet.apps = included
+        if paths:
+            warnings = engine_for(repository.engine).extract(
+                repository, archive_name, paths, target, on_progress=on_progress
+            )
+            for warning in warnings:
+                for app in included:
+                    results[app.id].warnings.append(warning)
+        if live:
+            for app in included:
+                values = settings.get(app.id)
+                if values:
+                    state.write_settings(values)
+            _run_hooks("restore_post", included, results, packet)
+    except EngineError as error:
+        for app in selected:
+            if results[app.id].active:
+                results[app.id].fail("engine", error.message)
+        result.errors.append(BackupError("engine", "*", None, str(error)))
+    finally:
+        quiesced.leave()
+    for app in selected:
+        results[app.id].size = sum(
+            _tree_size(str(target / path.lstrip("/"))) for path in results[app.id].paths
+        )
+    result.duration = time.monotonic() - started_clock
+    return result
+
+
+def _local_apps_or_none(live: bool) -> dict[str, App] | None:
+    """Installed apps, for their Python hooks; a restore elsewhere does not need them."""
+    try:
+        return load_apps()
+    except ManifestError:
+        if live:
+            raise
+        return None
+
+
+def _stored_apps(metadata: dict[str, Any], local: dict[str, App] | None) -> dict[str, App]:
+    """The archive's apps, described by the manifests stored with them."""
+    stored = {}
+    for entry in metadata.get("apps", []):
+        manifest: Manifest = parse_manifest(entry["manifest"], f"archive app {entry['id']}")
+        local_app = (local or {}).get(manifest.id)
+        if local_app is not None:
+            stored[manifest.id] = local_app.with_manifest(manifest)
+        else:
+            stored[manifest.id] = App(manifest, "archive")
+    return stored
+
+
+def _select_from_archive(stored: dict[str, App], app_ids: Sequence[str] | None) -> list[App]:
+    if not app_ids:
+        return dependency_order(stored.values())
+    missing = [app_id for app_id in app_ids if app_id not in stored]
+    if missing:
+        raise AppNotFoundError(
+            f"not in this archive: {', '.join(missing)}",
+            hint=f"The archive holds: {', '.join(sorted(stored)) or 'no apps'}.",
+        )
+    return select(stored, app_ids)
+
+
+def _install_if_missing(app: App, result: AppResult) -> None:
+    """Run ``setup.install`` for an app whose ``setup.installed`` check fails."""
+    try:
+        if app.is_installed():
+            return
+    except CommandError as error:
+        result.fail("install", f"setup.installed check failed: {error.message}")
+        return
+    install = app.manifest.setup.install
+    if install is None:
+        result.fail("install", "the app is not installed and its manifest has no setup.install")
+        return
+    from homesafe import execute
+
+    try:
+        execute.run(install, timeout=3600)
+    except CommandError as error:
+        result.fail("install", f"setup.install failed: {error.message}")
+        return
+    if not app.is_installed():
+        result.fail("install", "setup.install ran, but setup.installed still fails")
+
+
+# -- archive maintenance -------------------------------------------------------------
+
+
+def delete_archives(archive_names: Sequence[str], repository: Repository | None = None) -> None:
+    """Delete archives and reclaim their space (borg: delete, then compact)."""
+    repository = _existing_repository(repository)
+    engine_for(repository.engine).delete(repository, archive_names)
+
+
+def export_archive(
+    archive_name: str, file: str | os.PathLike[str], repository: Repository | None = None
+) -> None:
+    """Write an archive as a tar file (.tar, .tar.gz, .tar.bz2, .tar.xz by suffix)."""
+    repository = _existing_repository(repository)
+    engine_for(repository.engine).export_tar(repository, archive_name, Path(file))
+
+
+def export_key(repository: Repository | None = None) -> dict[str, str]:
+    """What a user must keep to open the repository elsewhere: key and passphrase."""
+    repository = _existing_repository(repository)
+    return {
+        "repository": repository.location,
+        "encryption": repository.encryption,
+        "passphrase": repository.passphrase() or "",
+        "key": engine_for(repository.engine).export_key(repository),
+    }

@@ -1,0 +1,212 @@
+"""Finding apps and putting them in order.
+
+Apps come from two places: TOML manifests in ``$HOMESAFE_CONFIG/apps.d/`` and Python
+objects registered under the entry point group ``homesafe.apps``. A Python app is any
+object with a ``manifest`` attribute (a :class:`~homesafe.manifest.Manifest` or a
+mapping in the same shape) and, optionally, the reference design's hook methods
+``backup_pre``, ``backup_post``, ``restore_pre`` and ``restore_post``, each called
+with the :class:`~homesafe.api.Packet`.
+
+:func:`load_apps` validates everything at once and raises one
+:class:`~homesafe.errors.ManifestError` listing every problem it found.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from homesafe import execute, locations
+from homesafe.errors import (
+    AppNotFoundError,
+    DependencyError,
+    ManifestError,
+    ManifestProblem,
+)
+from homesafe.manifest import HOOK_NAMES, Manifest, is_inside, load_manifest_file, parse_manifest
+
+ENTRY_POINT_GROUP = "homesafe.apps"
+
+
+@dataclass(frozen=True)
+class App:
+    """An app known to homesafe: its manifest, where it came from, its Python hooks."""
+
+    manifest: Manifest
+    source: str
+    implementation: Any = None  # the Python object of an entry-point app
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    def python_hook(self, hook_name: str) -> Callable[[Any], Any] | None:
+        """The Python method for ``hook_name``, if this app has one."""
+        if hook_name not in HOOK_NAMES or self.implementation is None:
+            return None
+        method = getattr(self.implementation, hook_name, None)
+        return method if callable(method) else None
+
+    def is_installed(self) -> bool:
+        """True unless the manifest's ``setup.installed`` command says otherwise."""
+        command = self.manifest.setup.installed
+        return command is None or execute.succeeds(command)
+
+    def with_manifest(self, manifest: Manifest) -> App:
+        """The same app (same Python hooks) described by another manifest."""
+        return App(manifest=manifest, source=self.source, implementation=self.implementation)
+
+
+def load_apps(apps_directory: Path | None = None, *, entry_points: bool = True) -> dict[str, App]:
+    """Every declared app by id, validated as a whole.
+
+    Raises ManifestError listing every problem of every manifest, including the rules
+    between apps: unique ids, no path owned by two apps, dependencies that exist and
+    form no cycle.
+    """
+    directory = apps_directory if apps_directory is not None else locations.apps_directory()
+    problems: list[ManifestProblem] = []
+    apps: list[App] = []
+    for path in manifest_files(directory):
+        try:
+            check_manifest_permissions(path)
+            apps.append(App(load_manifest_file(path), str(path)))
+        except ManifestError as error:
+            problems.extend(error.problems)
+    if entry_points:
+        for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            source = f"entry point {entry_point.name} ({entry_point.value})"
+            try:
+                implementation = entry_point.load()
+                raw_manifest = implementation.manifest
+            except Exception as error:
+                problems.append(ManifestProblem(source, "", f"cannot be loaded: {error}"))
+                continue
+            try:
+                apps.append(App(parse_manifest(raw_manifest, source), source, implementation))
+            except ManifestError as error:
+                problems.extend(error.problems)
+    problems.extend(cross_app_problems(apps))
+    if problems:
+        raise ManifestError(problems)
+    return {app.id: app for app in apps}
+
+
+def manifest_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.glob("*.toml") if path.is_file())
+
+
+def check_manifest_permissions(path: Path) -> None:
+    """As root, refuse a manifest others could have written: it would run as root."""
+    if not locations.running_as_root():
+        return
+    for checked in (path, path.parent):
+        status = checked.stat()
+        if status.st_uid != 0:
+            raise ManifestError(
+                [ManifestProblem(str(path), "", f"{checked} is not owned by root; refusing it")]
+            )
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ManifestError(
+                [
+                    ManifestProblem(
+                        str(path),
+                        "",
+                        f"{checked} is writable by group or others "
+                        f"(mode {stat.S_IMODE(status.st_mode):o}); run chmod go-w {checked}",
+                    )
+                ]
+            )
+
+
+def cross_app_problems(apps: Sequence[App]) -> list[ManifestProblem]:
+    """Problems between apps: duplicate ids, shared paths, missing dependencies, cycles."""
+    problems: list[ManifestProblem] = []
+    seen: dict[str, App] = {}
+    for app in apps:
+        if app.id in seen:
+            problems.append(
+                ManifestProblem(
+                    app.source, "id", f"{app.id!r} is declared by {seen[app.id].source} too"
+                )
+            )
+        else:
+            seen[app.id] = app
+    owners: list[tuple[str, App, str]] = []
+    for app in apps:
+        for section_name, section in app.manifest.sections():
+            for kind in ("directories", "files"):
+                for path in getattr(section, kind):
+                    owners.append((path, app, f"{section_name}.{kind}"))
+    for index, (path, app, field) in enumerate(owners):
+        for other_path, other_app, _ in owners[index + 1 :]:
+            if other_app is app:
+                continue
+            if is_inside(path, other_path) or is_inside(other_path, path):
+                problems.append(
+                    ManifestProblem(
+                        app.source,
+                        field,
+                        f"{path} overlaps {other_path} of app {other_app.id!r}; "
+                        "a path can belong to one app only",
+                    )
+                )
+    for app in apps:
+        for dependency in app.manifest.depends:
+            if dependency not in seen:
+                problems.append(
+                    ManifestProblem(app.source, "depends", f"unknown app {dependency!r}")
+                )
+    try:
+        dependency_order(list(seen.values()))
+    except DependencyError as error:
+        problems.append(ManifestProblem("apps", "depends", error.message))
+    return problems
+
+
+def dependency_order(apps: Iterable[App]) -> list[App]:
+    """``apps`` with every app after the apps it depends on; ties keep id order.
+
+    Dependencies outside ``apps`` are ignored (they are not part of this operation).
+    Raises DependencyError naming the apps of a cycle.
+    """
+    by_id = {app.id: app for app in sorted(apps, key=lambda app: app.id)}
+    ordered: list[App] = []
+    state: dict[str, str] = {}
+
+    def visit(app_id: str, trail: list[str]) -> None:
+        if state.get(app_id) == "done":
+            return
+        if state.get(app_id) == "visiting":
+            cycle = [*trail[trail.index(app_id) :], app_id]
+            raise DependencyError(f"dependency cycle: {' -> '.join(cycle)}")
+        state[app_id] = "visiting"
+        for dependency in by_id[app_id].manifest.depends:
+            if dependency in by_id:
+                visit(dependency, [*trail, app_id])
+        state[app_id] = "done"
+        ordered.append(by_id[app_id])
+
+    for app_id in by_id:
+        visit(app_id, [])
+    return ordered
+
+
+def select(apps: dict[str, App], app_ids: Sequence[str] | None) -> list[App]:
+    """The apps named (all when ``app_ids`` is empty or None), in dependency order."""
+    if not app_ids:
+        return dependency_order(apps.values())
+    unknown = [app_id for app_id in app_ids if app_id not in apps]
+    if unknown:
+        known = ", ".join(sorted(apps)) or "none"
+        raise AppNotFoundError(
+            f"unknown app{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+            hint=f"Known apps: {known}.",
+        )
+    return dependency_order(apps[app_id] for app_id in dict.fromkeys(app_ids))

@@ -1,0 +1,64 @@
+"""The ``homesafe`` command: parse, call :mod:`homesafe.api`, print.
+
+Exit status: 0 success, 1 failure, 2 usage error, 3 partial success (some apps failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from homesafe import __version__
+from homesafe.cli.apps import apps_group
+from homesafe.cli.archives import archives_group
+from homesafe.cli.key import key_group
+from homesafe.cli.operations import backup_command, export_command, restore_command
+from homesafe.errors import EXIT_FAILURE, HomesafeError
+
+
+class HomesafeGroup(click.Group):
+    """A click group that turns homesafe's errors into a message and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HomesafeError as error:
+            click.echo(f"homesafe: error: {error.message}", err=True)
+            if error.hint:
+                click.echo(error.hint, err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("homesafe: interrupted", err=True)
+            sys.exit(EXIT_FAILURE)
+
+
+@click.group(cls=HomesafeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="homesafe")
+@click.option("-v", "--verbose", count=True, help="Log more (-vv shows every command run).")
+def main(verbose: int) -> None:
+    """App-aware backup and restore for self-hosted servers.
+
+    Apps declare what they own in TOML manifests under $HOMESAFE_CONFIG/apps.d/ (or as
+    Python entry points). `homesafe backup` holds every app still, captures its config,
+    data, secrets and settings into an encrypted, deduplicated archive, and puts the app
+    back; `homesafe restore ARCHIVE` brings apps back from it.
+
+    With no configuration, archives go to the embedded default repository
+    $HOMESAFE_HOME/repository, created on first backup with a generated passphrase:
+    run `homesafe key export` and keep what it prints somewhere safe.
+
+    Exit status: 0 success, 1 failure, 2 usage error, 3 partial success.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="homesafe: %(levelname)s: %(message)s")
+
+
+main.add_command(apps_group)
+main.add_command(backup_command)
+main.add_command(archives_group)
+main.add_command(restore_command)
+main.add_command(export_command)
+main.add_command(key_group)

@@ -1,0 +1,89 @@
+"""``homesafe archives``: list, show and delete archives."""
+
+from __future__ import annotations
+
+import click
+
+from homesafe.cli.output import console, human_size, print_json
+
+
+@click.group("archives", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def archives_group(context: click.Context, as_json: bool) -> None:
+    """List, show and delete the archives of the repository (default: list)."""
+    if context.invoked_subcommand is None:
+        context.invoke(list_command, as_json=as_json)
+
+
+@archives_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_command(as_json: bool) -> None:
+    """List archives, oldest first, with the apps each holds."""
+    from homesafe import api
+
+    listed = api.list_archives()
+    if as_json:
+        print_json({"archives": [archive.to_dict() for archive in listed]})
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("name", "time", "apps", "comment"):
+        table.add_column(column)
+    for archive in listed:
+        apps = ", ".join(archive.apps) if archive.homesafe else "(not a homesafe archive)"
+        table.add_row(archive.name, archive.time, apps, archive.comment)
+    console().print(table)
+
+
+@archives_group.command("show")
+@click.argument("archive")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def show_command(archive: str, as_json: bool) -> None:
+    """Show an archive: when, from where, and per app its version, strategy and files."""
+    from homesafe import api
+
+    metadata, contents = api.archive_details(archive)
+    if as_json:
+        print_json(
+            {
+                "metadata": metadata,
+                "contents": [
+                    {"path": "/" + entry.path, "type": entry.type, "mode": entry.mode,
+                     "size": entry.size}
+                    for entry in contents
+                ],
+            }
+        )  # fmt: skip
+        return
+    out = console()
+    out.print(f"[bold]{archive}[/] created {metadata.get('created')} on {metadata.get('host')}")
+    if metadata.get("comment"):
+        out.print(f"comment: {metadata['comment']}")
+    for app in metadata.get("apps", []):
+        app_paths = app.get("paths", [])
+        size = sum(
+            entry.size
+            for entry in contents
+            if any(("/" + entry.path).startswith(path) for path in app_paths)
+        )
+        downtime = app.get("downtime_seconds")
+        shown = "measured after the archive" if downtime is None else f"{downtime:.3f} s"
+        out.print(
+            f"  {app['id']} (version {app.get('version')}): strategy {app.get('strategy')}, "
+            f"downtime {shown}, {human_size(size)} in {len(app_paths)} paths"
+        )
+
+
+@archives_group.command("delete")
+@click.argument("archive_names", nargs=-1, required=True, metavar="ARCHIVE...")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete_command(archive_names: tuple[str, ...], yes: bool) -> None:
+    """Delete archives and reclaim the space they alone used."""
+    from homesafe import api
+
+    if not yes:
+        click.confirm(f"Delete {len(archive_names)} archive(s) for good?", abort=True)
+    api.delete_archives(archive_names)
+    click.echo(f"Deleted {', '.join(archive_names)}")

@@ -1,0 +1,104 @@
+"""Printing for the CLI: JSON for scripts, rich tables and progress bars for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from homesafe.api import OperationResult
+    from homesafe.engines.base import Progress, ProgressCallback
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A progress callback drawing a bar on a terminal's stderr, or None elsewhere."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.progress import Progress as ProgressDisplay
+
+    bar = ProgressDisplay(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[path]}", style="dim"),
+        console=console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task(description, total=None, path="")
+
+    def update(report: Progress) -> None:
+        if report.total:
+            bar.update(task, total=report.total)
+        bar.update(task, completed=report.current, path=report.message[-50:])
+
+    with bar:
+        yield update
+
+
+def print_operation(result: OperationResult) -> None:
+    """A table of per-app outcomes, then every error and warning."""
+    from rich.table import Table
+
+    out = console()
+    verb = "Backup" if result.operation == "backup" else "Restore"
+    table = Table(title=f"{verb} {result.archive} ({result.status})", title_justify="left")
+    for column in ("app", "status", "strategy", "downtime", "size"):
+        table.add_column(column, justify="right" if column in ("downtime", "size") else "left")
+    style = {"ok": "green", "failed": "red", "skipped": "yellow"}
+    for app in result.apps:
+        table.add_row(
+            app.app,
+            f"[{style[app.status]}]{app.status}[/]",
+            app.strategy,
+            f"{app.downtime:.3f} s",
+            human_size(app.size),
+        )
+    out.print(table)
+    if result.engine_stats is not None:
+        stats = result.engine_stats
+        out.print(
+            f"Archive {stats.name}: {stats.file_count} files, "
+            f"{human_size(stats.original_size)} read, "
+            f"{human_size(stats.deduplicated_size)} new after deduplication, "
+            f"in {result.duration:.1f} s"
+        )
+    for error in result.all_errors():
+        where = f"{error.app}" + (f" ({error.hook})" if error.hook else "")
+        out.print(f"[red]error[/]: {where}: {error.message}")
+    for app in result.apps:
+        for warning in app.warnings:
+            out.print(f"[yellow]warning[/]: {app.app}: {warning}")

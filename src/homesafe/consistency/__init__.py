@@ -1,0 +1,1 @@
+"""How an app is held still while it is captured or restored."""

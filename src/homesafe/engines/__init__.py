@@ -1,0 +1,15 @@
+"""Backup engines behind one Protocol (:mod:`homesafe.engines.base`)."""
+
+from __future__ import annotations
+
+from homesafe.engines.base import Engine
+from homesafe.errors import ConfigurationError
+
+
+def engine_for(name: str) -> Engine:
+    """The engine implementation called ``name``."""
+    if name == "borg":
+        from homesafe.engines.borg import BorgEngine
+
+        return BorgEngine()
+    raise ConfigurationError(f"unknown backup engine {name!r}", hint="Known engines: borg.")
