@@ -112,7 +112,9 @@ def config_path_from(argument: str | None) -> Path:
     """The configuration file named by ``--config``, else by ``$NOTES_CONFIG``."""
     value = argument or os.environ.get(CONFIG_ENVIRONMENT_VARIABLE)
     if not value:
-        raise NotesError(f"no configuration file: pass --config PATH or set ${CONFIG_ENVIRONMENT_VARIABLE}")
+        raise NotesError(
+            f"no configuration file: pass --config PATH or set ${CONFIG_ENVIRONMENT_VARIABLE}"
+        )
     # Absolute, because the daemon changes its working directory to /.
     return Path(value).absolute()
 
@@ -130,9 +132,7 @@ def load_config(path: Path) -> NotesConfig:
     def setting(section: str, key: str, expected_type: type) -> Any:
         value = document.get(section, {}).get(key)
         if not isinstance(value, expected_type) or isinstance(value, bool):
-            raise NotesError(
-                f"{path}: [{section}] {key} must be set to a {expected_type.__name__}"
-            )
+            raise NotesError(f"{path}: [{section}] {key} must be set to a {expected_type.__name__}")
         return value
 
     def path_setting(section: str, key: str) -> Path:
@@ -316,14 +316,12 @@ class NotesStore:
             notes.append({"id": note_id, "title": title, "created": created, "body": body})
         return notes
 
-    def flush(self) -> dict[str, int]:
+    def flush(self) -> dict[str, str]:
         """Fold the WAL into notes.db and empty it; NotesError if a reader blocked that."""
-        busy, wal_frames, checkpointed_frames = self.connection.execute(
-            "PRAGMA wal_checkpoint(TRUNCATE)"
-        ).fetchone()
+        busy = self.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         if busy:
             raise NotesError("the WAL checkpoint was blocked by a reader; try again")
-        return {"wal_frames": wal_frames, "checkpointed_frames": checkpointed_frames}
+        return {"status": "checkpointed"}
 
     def health_problem(self) -> str | None:
         """None when healthy, else what is wrong.
@@ -382,7 +380,9 @@ class NotesRequestHandler(BaseHTTPRequestHandler):
             if problem is None:
                 self.send_json(HTTPStatus.OK, {"status": "ok"})
             else:
-                self.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "unhealthy", "problem": problem})
+                self.send_json(
+                    HTTPStatus.SERVICE_UNAVAILABLE, {"status": "unhealthy", "problem": problem}
+                )
         elif self.path == "/notes":
             self.answer(lambda: (HTTPStatus.OK, self.server.store.notes()))
         else:
@@ -468,7 +468,9 @@ def serve(config: NotesConfig) -> None:
         server = NotesHTTPServer((config.host, config.port), store)
     except OSError as error:
         store.close()
-        raise NotesError(f"cannot listen on {config.host}:{config.port}: {error.strerror}") from None
+        raise NotesError(
+            f"cannot listen on {config.host}:{config.port}: {error.strerror}"
+        ) from None
 
     stop_requested = False
 

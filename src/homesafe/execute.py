@@ -186,7 +186,11 @@ def run(
                 process.stdin.close()
         try:
             returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException as interruption:
+            # Interrupted (SIGINT/SIGTERM): the program must not outlive us.
+            if not isinstance(interruption, subprocess.TimeoutExpired):
+                _kill_group(process)
+                raise
             _kill_group(process)
             stderr_thread.join(timeout=5)
             raise CommandTimeoutError(

@@ -6,7 +6,9 @@ Exit status: 0 success, 1 failure, 2 usage error, 3 partial success (some apps f
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 import click
@@ -35,6 +37,10 @@ class HomesafeGroup(click.Group):
             sys.exit(EXIT_FAILURE)
 
 
+def _raise_interrupt(signal_number: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
 @click.group(cls=HomesafeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="homesafe")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv shows every command run).")
@@ -52,6 +58,8 @@ def main(verbose: int) -> None:
 
     Exit status: 0 success, 1 failure, 2 usage error, 3 partial success.
     """
+    # SIGTERM unwinds like Ctrl-C, so services and lockdown are put back on the way out.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="homesafe: %(levelname)s: %(message)s")
 
