@@ -56,6 +56,7 @@ class Daemon:
 
     def manifest_service(self, name: str) -> str:
         """A [[services]] TOML block for this daemon."""
+
         def quoted(argv: list[str]) -> str:
             return "[" + ", ".join(f'"{part}"' for part in argv) + "]"
 

@@ -33,7 +33,7 @@ def json_of(completed: subprocess.CompletedProcess[str]) -> dict:  # type: ignor
 
 @pytest.fixture
 def apps(homesafe_env: Path, write_manifest: ManifestWriter) -> Path:
-    """"good" with a file and "flaky" whose backup_pre hook fails when a marker exists."""
+    """Apps "good" with a file and "flaky" whose backup_pre hook fails when a marker exists."""
     srv = homesafe_env / "srv"
     (srv / "good").mkdir(parents=True)
     (srv / "good/data.txt").write_text("good data\n")

@@ -1,0 +1,820 @@
+"""How much time `homesafe backup` adds to the `borg create` it runs.
+
+What is measured, in one run and on one generated data set:
+
+* **homesafe**: the wall clock (``time.monotonic``) of the whole ``homesafe backup
+  bench`` command, run as a subprocess: interpreter start-up, imports, manifest
+  loading, everything homesafe does around borg, the ``borg create`` it starts, and
+  process exit.
+* **raw borg**: the wall clock of ``borg create`` alone, with the options homesafe
+  gives it (``--json --log-json --compression zstd,3 --comment ...``), into a
+  ``repokey-blake2`` repository, the passphrase handed over through
+  ``BORG_PASSPHRASE_FD`` and ``BORG_BASE_DIR`` pointing at a directory of its own, as
+  homesafe points it at ``$HOMESAFE_HOME/borg``.
+
+Each side has its own repository and its own borg cache. Two cases are timed:
+
+* **first backup**: the data set goes into a repository that holds nothing of it. The
+  repository is created *before* the timed run and is not part of it: for homesafe by
+  a ``homesafe backup`` of a tiny bootstrap app (which makes homesafe create its
+  default repository, passphrase, borg cache and borg-version cache), for raw borg by
+  ``borg init`` and a ``borg create`` of the same tiny directory. Every repeat starts
+  again from nothing. The page cache is dropped before each timed run when
+  ``/proc/sys/vm/drop_caches`` is writable (else the runs are reported as warm).
+* **unchanged backup**: another backup of the same, unchanged data into the same
+  repository (borg's files cache makes this mostly a metadata walk). These runs are
+  warm unless ``--drop-caches all`` is given.
+
+The order of homesafe and raw borg alternates between repeats, and each figure is the
+median of its repeats. Targets: first backup ratio (homesafe / raw) <= 1.05; unchanged
+backup added time (homesafe - raw) <= 0.3 s. ``--profile`` then breaks down one
+unchanged ``homesafe backup`` (imports by package, and the time of each step around
+the borg subprocess).
+
+The data set is deterministic (seeded ``random.Random``, not ``os.urandom``, so that
+every run backs up the same bytes): thousands of small files (1-16 KiB, half random,
+half text) in nested directories, a few large incompressible files and a few large
+compressible text files. The figures are also written as JSON to
+``bench/results/overhead.json``. Only the standard library is used.
+
+    .venv/bin/python bench/overhead.py [--size-mb N] [--work-dir DIR] [--keep] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from random import Random
+from typing import Any
+
+KIBIBYTE = 1024
+MEBIBYTE = 1024 * KIBIBYTE
+SEED = 20240611
+APP_ID = "bench"
+BOOTSTRAP_APP_ID = "bootstrap"
+MARKER_FILE = ".homesafe-bench"
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+FIRST_BACKUP_RATIO_TARGET = 1.05
+UNCHANGED_ADDED_SECONDS_TARGET = 0.3
+
+# What homesafe gives borg besides the archive and the paths (see engines/borg.py).
+BORG_COMPRESSION = "zstd,3"
+BORG_ENCRYPTION = "repokey-blake2"
+BORG_ENVIRONMENT = {
+    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
+    "BORG_DISPLAY_PASSPHRASE": "no",
+    "BORG_EXIT_CODES": "legacy",
+}
+PASSPHRASE_VARIABLES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE")
+BORG_WARNING = 1
+
+WORDS = (
+    "request accepted rejected worker queue session token cache miss hit upstream "
+    "timeout retry database index vacuum checkpoint replica primary user login logout "
+    "upload download thumbnail calendar contact note folder share sync conflict"
+).split()
+LEVELS = ("DEBUG", "INFO", "INFO", "INFO", "WARNING", "ERROR")
+
+
+# -- the work directory and the data set ---------------------------------------------
+
+
+@dataclass
+class Workspace:
+    """Where one benchmark run keeps its data, homesafe's state and raw borg's state."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def data_directories(self) -> list[Path]:
+        return [self.data / "small", self.data / "incompressible", self.data / "compressible"]
+
+    @property
+    def bootstrap_data(self) -> Path:
+        return self.root / "bootstrap-data"
+
+    @property
+    def homesafe_home(self) -> Path:
+        return self.root / "homesafe" / "home"
+
+    @property
+    def homesafe_config(self) -> Path:
+        return self.root / "homesafe" / "config"
+
+    @property
+    def apps_directory(self) -> Path:
+        return self.homesafe_config / "apps.d"
+
+    @property
+    def raw_base(self) -> Path:
+        return self.root / "raw" / "borg-base"
+
+    @property
+    def raw_repository(self) -> Path:
+        return self.root / "raw" / "repository"
+
+    @property
+    def raw_working_directory(self) -> Path:
+        return self.root / "raw" / "cwd"
+
+
+@dataclass
+class DataSet:
+    """What was generated: counts and sizes by kind."""
+
+    small_files: int = 0
+    small_bytes: int = 0
+    incompressible_files: int = 0
+    incompressible_bytes: int = 0
+    compressible_files: int = 0
+    compressible_bytes: int = 0
+    reused: bool = False
+
+    @property
+    def files(self) -> int:
+        return self.small_files + self.incompressible_files + self.compressible_files
+
+    @property
+    def total_bytes(self) -> int:
+        return self.small_bytes + self.incompressible_bytes + self.compressible_bytes
+
+
+def random_bytes(generator: Random, size: int) -> bytes:
+    return generator.randbytes(size)
+
+
+def text_bytes(generator: Random, size: int, first_line: int = 0) -> bytes:
+    """Log-like lines: each one different, all of them very compressible."""
+    lines = []
+    written = 0
+    number = first_line
+    while written < size:
+        words = " ".join(generator.choices(WORDS, k=generator.randint(3, 9)))
+        line = (
+            f"2024-06-{1 + number // 86400 % 28:02d}T{number // 3600 % 24:02d}:"
+            f"{number // 60 % 60:02d}:{number % 60:02d}Z {generator.choice(LEVELS)} "
+            f"worker-{generator.randint(1, 16)} id={number} {words}\n"
+        )
+        lines.append(line)
+        written += len(line)
+        number += 1
+    return "".join(lines).encode()[:size]
+
+
+def write_large_file(path: Path, size: int, make_chunk: Callable[[int, int], bytes]) -> None:
+    with path.open("wb") as stream:
+        offset = 0
+        while offset < size:
+            chunk = make_chunk(min(4 * MEBIBYTE, size - offset), offset)
+            stream.write(chunk)
+            offset += len(chunk)
+
+
+def generate_data_set(workspace: Workspace, size_mb: int, small_files: int) -> DataSet:
+    """Write the data set under ``workspace.data`` (or reuse the one already there)."""
+    wanted = {"size_mb": size_mb, "small_files": small_files, "seed": SEED, "format": 1}
+    marker = workspace.data / MARKER_FILE
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if recorded.get("parameters") == wanted:
+            return DataSet(**recorded["data_set"], reused=True)
+    if workspace.data.exists():
+        shutil.rmtree(workspace.data)
+    generator = Random(SEED)
+    budget = size_mb * MEBIBYTE
+    # Small files get at most half of the budget (their mean size is 8.5 KiB).
+    small_files = min(small_files, budget // 2 // (8 * KIBIBYTE + KIBIBYTE // 2))
+    data_set = DataSet()
+    small_root, incompressible_root, compressible_root = workspace.data_directories
+    for index in range(small_files):
+        directory = small_root / f"group-{index // 250:02d}" / f"batch-{index // 50 % 5}"
+        if index % 50 == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        size = generator.randint(KIBIBYTE, 16 * KIBIBYTE)
+        if index % 2:
+            content = random_bytes(generator, size)
+            path = directory / f"blob-{index:05d}.bin"
+        else:
+            content = text_bytes(generator, size, first_line=index * 1000)
+            path = directory / f"note-{index:05d}.txt"
+        path.write_bytes(content)
+        data_set.small_files += 1
+        data_set.small_bytes += size
+    remaining = max(budget - data_set.small_bytes, 0)
+    large_file_count = 4
+    incompressible_size = remaining // 2 // large_file_count
+    compressible_size = (remaining - remaining // 2) // large_file_count
+    incompressible_root.mkdir(parents=True, exist_ok=True)
+    compressible_root.mkdir(parents=True, exist_ok=True)
+    for index in range(large_file_count):
+        write_large_file(
+            incompressible_root / f"media-{index}.bin",
+            incompressible_size,
+            lambda size, _offset: random_bytes(generator, size),
+        )
+        data_set.incompressible_files += 1
+        data_set.incompressible_bytes += incompressible_size
+        write_large_file(
+            compressible_root / f"journal-{index}.log",
+            compressible_size,
+            lambda size, offset: text_bytes(generator, size, first_line=offset // 64),
+        )
+        data_set.compressible_files += 1
+        data_set.compressible_bytes += compressible_size
+    recorded_data_set = {
+        name: value for name, value in asdict(data_set).items() if name != "reused"
+    }
+    marker.write_text(json.dumps({"parameters": wanted, "data_set": recorded_data_set}))
+    return data_set
+
+
+def write_manifest(workspace: Workspace, app_id: str, directories: list[Path]) -> Path:
+    """Declare an app owning ``directories`` (mode 0644: homesafe as root checks it)."""
+    workspace.apps_directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(workspace.apps_directory, 0o755)
+    listed = ", ".join(json.dumps(str(directory)) for directory in directories)
+    path = workspace.apps_directory / f"{app_id}.toml"
+    path.write_text(
+        f'id = "{app_id}"\nname = "Benchmark data ({app_id})"\n\n'
+        f"[data]\ndirectories = [{listed}]\n"
+    )
+    os.chmod(path, 0o644)
+    return path
+
+
+# -- running the two sides -----------------------------------------------------------
+
+
+def drop_page_cache() -> bool:
+    """Write dirty pages out and drop the page cache; False when not allowed."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def homesafe_environment(workspace: Workspace) -> dict[str, str]:
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("BORG_")
+    }
+    environment["HOMESAFE_HOME"] = str(workspace.homesafe_home)
+    environment["HOMESAFE_CONFIG"] = str(workspace.homesafe_config)
+    return environment
+
+
+def raw_environment(workspace: Workspace) -> dict[str, str]:
+    environment = {
+        name: value for name, value in os.environ.items() if name not in PASSPHRASE_VARIABLES
+    }
+    environment.update(BORG_ENVIRONMENT)
+    environment["BORG_BASE_DIR"] = str(workspace.raw_base)
+    return environment
+
+
+def describe_failure(argv: list[str], completed: subprocess.CompletedProcess[bytes]) -> str:
+    output = (completed.stdout or b"").decode(errors="replace")[-2000:]
+    errors = (completed.stderr or b"").decode(errors="replace")[-2000:]
+    return f"{' '.join(argv)} exited with {completed.returncode}\n{output}\n{errors}"
+
+
+@dataclass
+class Runner:
+    """Runs homesafe and raw borg against one workspace; each call returns seconds."""
+
+    workspace: Workspace
+    homesafe: str
+    passphrase: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    raw_archives: int = 0
+    last_raw_stats: dict[str, Any] = field(default_factory=dict)
+
+    def homesafe_backup(self, app_id: str) -> float:
+        argv = [self.homesafe, "backup", app_id]
+        started = time.monotonic()
+        completed = subprocess.run(
+            argv,
+            env=homesafe_environment(self.workspace),
+            capture_output=True,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+        if completed.returncode != 0:
+            raise RuntimeError(describe_failure(argv, completed))
+        return elapsed
+
+    def raw_borg(self, arguments: list[str], accept_warning: bool = False) -> float:
+        """One borg call with homesafe's environment and a passphrase pipe."""
+        argv = ["borg", *arguments]
+        self.workspace.raw_working_directory.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, self.passphrase.encode())
+            os.close(write_end)
+            environment = raw_environment(self.workspace)
+            environment["BORG_PASSPHRASE_FD"] = str(read_end)
+            completed = subprocess.run(
+                argv,
+                env=environment,
+                cwd=self.workspace.raw_working_directory,
+                pass_fds=(read_end,),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
+            )
+        finally:
+            os.close(read_end)
+        elapsed = time.monotonic() - started
+        if completed.returncode not in ((0, BORG_WARNING) if accept_warning else (0,)):
+            raise RuntimeError(describe_failure(argv, completed))
+        if arguments[0] == "create":
+            self.last_raw_stats = json.loads(completed.stdout)["archive"]["stats"]
+        return elapsed
+
+    def raw_create(self, paths: list[Path]) -> float:
+        self.raw_archives += 1
+        comment = json.dumps({"homesafe": 1, "apps": [APP_ID]}, separators=(",", ":"))
+        return self.raw_borg(
+            [
+                "create",
+                "--json",
+                "--log-json",
+                "--compression",
+                BORG_COMPRESSION,
+                "--comment",
+                comment,
+                "--",
+                f"{self.workspace.raw_repository}::archive-{self.raw_archives}",
+                *map(str, paths),
+            ],
+            accept_warning=True,
+        )
+
+    def reset_and_bootstrap(self) -> None:
+        """Fresh, initialised repositories on both sides, holding one tiny archive."""
+        for directory in (self.workspace.root / "homesafe", self.workspace.root / "raw"):
+            if directory.exists():
+                shutil.rmtree(directory)
+        self.raw_archives = 0
+        bootstrap = self.workspace.bootstrap_data
+        bootstrap.mkdir(parents=True, exist_ok=True)
+        (bootstrap / "hello.txt").write_text("bootstrap\n")
+        write_manifest(self.workspace, BOOTSTRAP_APP_ID, [bootstrap])
+        self.homesafe_backup(BOOTSTRAP_APP_ID)
+        (self.workspace.apps_directory / f"{BOOTSTRAP_APP_ID}.toml").unlink()
+        write_manifest(self.workspace, APP_ID, self.workspace.data_directories)
+        self.workspace.raw_repository.parent.mkdir(parents=True, exist_ok=True)
+        self.raw_borg(
+            ["init", "--log-json", "--encryption", BORG_ENCRYPTION, str(self.workspace.raw_repository)]
+        )
+        self.raw_create([bootstrap])
+
+
+@dataclass
+class Timing:
+    """The seconds of each repeat of one case, for both sides."""
+
+    case: str
+    cold: bool
+    raw_seconds: list[float] = field(default_factory=list)
+    homesafe_seconds: list[float] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def raw_median(self) -> float:
+        return statistics.median(self.raw_seconds)
+
+    @property
+    def homesafe_median(self) -> float:
+        return statistics.median(self.homesafe_seconds)
+
+    @property
+    def ratio(self) -> float:
+        return self.homesafe_median / self.raw_median
+
+    @property
+    def added_seconds(self) -> float:
+        return self.homesafe_median - self.raw_median
+
+
+def timed_pair(
+    runner: Runner, timing: Timing, repeat: int, drop_caches: bool, log: Callable[[str], None]
+) -> None:
+    """Time homesafe and raw borg once each, homesafe first on even repeats."""
+    sides = ["homesafe", "raw"] if repeat % 2 == 0 else ["raw", "homesafe"]
+    timing.order.append("+".join(sides))
+    for side in sides:
+        cold = drop_page_cache() if drop_caches else False
+        if side == "homesafe":
+            seconds = runner.homesafe_backup(APP_ID)
+            timing.homesafe_seconds.append(seconds)
+        else:
+            seconds = runner.raw_create(runner.workspace.data_directories)
+            timing.raw_seconds.append(seconds)
+        state = "cold" if cold else "warm"
+        log(f"  {timing.case} #{repeat + 1} {side:<8} {seconds:8.3f} s ({state} page cache)")
+
+
+def measure(
+    runner: Runner,
+    first_repeats: int,
+    unchanged_repeats: int,
+    drop_caches: str,
+    log: Callable[[str], None],
+) -> list[Timing]:
+    can_drop = drop_caches != "never" and drop_page_cache()
+    first = Timing("first backup", cold=can_drop)
+    for repeat in range(first_repeats):
+        runner.reset_and_bootstrap()
+        timed_pair(runner, first, repeat, can_drop, log)
+    unchanged_cold = can_drop and drop_caches == "all"
+    unchanged = Timing("unchanged backup", cold=unchanged_cold)
+    for repeat in range(unchanged_repeats):
+        timed_pair(runner, unchanged, repeat, unchanged_cold, log)
+    return [first, unchanged]
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+def targets(timings: list[Timing]) -> list[dict[str, Any]]:
+    first, unchanged = timings
+    return [
+        {
+            "case": first.case,
+            "measure": "ratio",
+            "value": first.ratio,
+            "limit": FIRST_BACKUP_RATIO_TARGET,
+            "passed": first.ratio <= FIRST_BACKUP_RATIO_TARGET,
+        },
+        {
+            "case": unchanged.case,
+            "measure": "added_seconds",
+            "value": unchanged.added_seconds,
+            "limit": UNCHANGED_ADDED_SECONDS_TARGET,
+            "passed": unchanged.added_seconds <= UNCHANGED_ADDED_SECONDS_TARGET,
+        },
+    ]
+
+
+def print_table(timings: list[Timing], checked: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'case':<18} {'cache':<5} {'n':>2} {'raw borg s':>11} {'homesafe s':>11} "
+        f"{'ratio':>7} {'added s':>8}   target"
+    )
+    print(header)
+    print("-" * len(header))
+    for timing, target in zip(timings, checked, strict=True):
+        verdict = "PASS" if target["passed"] else "FAIL"
+        limit = (
+            f"ratio <= {target['limit']:.2f}"
+            if target["measure"] == "ratio"
+            else f"added <= {target['limit']:.1f} s"
+        )
+        print(
+            f"{timing.case:<18} {'cold' if timing.cold else 'warm':<5} "
+            f"{len(timing.raw_seconds):>2} {timing.raw_median:>11.3f} "
+            f"{timing.homesafe_median:>11.3f} {timing.ratio:>7.3f} "
+            f"{timing.added_seconds:>+8.3f}   {verdict} ({limit})"
+        )
+
+
+def borg_version() -> str:
+    completed = subprocess.run(["borg", "--version"], capture_output=True, text=True, check=True)
+    return completed.stdout.strip()
+
+
+def write_results(
+    path: Path,
+    timings: list[Timing],
+    checked: list[dict[str, Any]],
+    data_set: DataSet,
+    raw_stats: dict[str, Any],
+    profile: dict[str, Any] | None,
+) -> None:
+    document = {
+        "benchmark": "homesafe backup overhead over raw borg create",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {
+            "python": platform.python_version(),
+            "borg": borg_version(),
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+        },
+        "data_set": {**asdict(data_set), "files": data_set.files, "bytes": data_set.total_bytes},
+        "raw_borg_stats_last_run": raw_stats,
+        "cases": [
+            {
+                "case": timing.case,
+                "page_cache": "cold" if timing.cold else "warm",
+                "order": timing.order,
+                "raw_seconds": timing.raw_seconds,
+                "homesafe_seconds": timing.homesafe_seconds,
+                "raw_median": timing.raw_median,
+                "homesafe_median": timing.homesafe_median,
+                "ratio": timing.ratio,
+                "added_seconds": timing.added_seconds,
+            }
+            for timing in timings
+        ],
+        "targets": checked,
+        "profile": profile,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# -- profile of one unchanged homesafe backup -----------------------------------------
+
+# Functions of homesafe timed by --profile, as (module, attribute, label). Each is
+# patched where its callers look it up; none of them calls another one of the list
+# (except that execute.run may run inside borg.version when its cache is cold).
+INSTRUMENTED = (
+    ("homesafe.api", "load_apps", "load manifests (apps.load_apps)"),
+    ("homesafe.api", "_ensure_repository", "repository exists? (api._ensure_repository)"),
+    ("homesafe.repositories.Repository", "passphrase", "read passphrase file"),
+    ("homesafe.state", "read_settings", "read settings (state.read_settings)"),
+    ("homesafe.api", "_tree_size", "size walk over the files (api._tree_size)"),
+    ("homesafe.api", "_write_backup_metadata", "write archive metadata"),
+    ("homesafe.engines.borg", "version", "borg version check (engines.borg.version)"),
+    ("homesafe.execute", "run", "subprocess"),
+    ("homesafe.cli.operations", "print_operation", "print result (rich, incl. import)"),
+)
+
+
+def resolve(dotted: str) -> Any:
+    import importlib
+
+    module_name, _, class_name = dotted.partition(".Repository")
+    target = importlib.import_module(module_name)
+    return getattr(target, "Repository") if class_name == "" and dotted.endswith(
+        ".Repository"
+    ) else target
+
+
+def instrumented_backup(output: Path) -> None:
+    """Run ``homesafe backup bench`` in this process, timing the steps of INSTRUMENTED.
+
+    Called in a subprocess by ``--profile`` (hidden option ``--instrumented-run``).
+    """
+    process_started = time.perf_counter()
+    phases: dict[str, float] = {}
+    calls: dict[str, int] = {}
+
+    def wrap(label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*arguments: Any, **keywords: Any) -> Any:
+            name = label
+            if label == "subprocess":
+                name = "subprocess: " + " ".join(str(part) for part in arguments[0][:2])
+            started = time.perf_counter()
+            try:
+                return function(*arguments, **keywords)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+                calls[name] = calls.get(name, 0) + 1
+
+        return timed
+
+    started = time.perf_counter()
+    import homesafe.cli
+
+    phases["import homesafe.cli (click, homesafe.cli.*)"] = time.perf_counter() - started
+    started = time.perf_counter()
+    import homesafe.api
+
+    phases["import homesafe.api (pydantic, manifest, engines...)"] = (
+        time.perf_counter() - started
+    )
+    for location, attribute, label in INSTRUMENTED:
+        target = resolve(location)
+        setattr(target, attribute, wrap(label, getattr(target, attribute)))
+    started = time.perf_counter()
+    try:
+        homesafe.cli.main(["backup", APP_ID], standalone_mode=False)
+    except SystemExit as exit_request:
+        if exit_request.code not in (0, None):
+            raise
+    phases["command total (click main)"] = time.perf_counter() - started
+    phases["in-process total"] = time.perf_counter() - process_started
+    output.write_text(json.dumps({"phases": phases, "calls": calls}))
+
+
+def import_times(runner: Runner) -> list[tuple[str, float, int]]:
+    """Import time (self, summed) by top-level package during one homesafe backup."""
+    argv = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-c",
+        f"import sys; from homesafe.cli import main; sys.argv = ['homesafe', 'backup', "
+        f"{APP_ID!r}]; main()",
+    ]
+    completed = subprocess.run(
+        argv, env=homesafe_environment(runner.workspace), capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(completed.stderr[-2000:])
+    by_package: dict[str, list[float]] = {}
+    for line in completed.stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        _, self_microseconds, _, name = (part.strip() for part in line.split("|", 3)[0:1]
+                                         + line.split("|", 3)[1:2] + ["", line.split("|")[2]])
+        del _
+        package = name.strip().split(".")[0]
+        if package not in sys.stdlib_module_names and not package.startswith("_"):
+            key = package
+        else:
+            key = "(standard library)"
+        entry = by_package.setdefault(key, [0.0, 0])
+        entry[0] += float(self_microseconds.split(":")[1]) / 1e6
+        entry[1] += 1
+    ranked = sorted(by_package.items(), key=lambda item: item[1][0], reverse=True)
+    return [(name, seconds, int(count)) for name, (seconds, count) in ranked]
+
+
+def median_wall_clock(argv: list[str], environment: dict[str, str], repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        subprocess.run(argv, env=environment, capture_output=True, check=True)
+        samples.append(time.monotonic() - started)
+    return statistics.median(samples)
+
+
+def profile_unchanged(runner: Runner, repeats: int) -> dict[str, Any]:
+    """Where the time of an unchanged ``homesafe backup`` goes (printed and returned)."""
+    environment = homesafe_environment(runner.workspace)
+    interpreter = median_wall_clock([sys.executable, "-c", "pass"], environment, repeats)
+    import_homesafe = median_wall_clock(
+        [sys.executable, "-c", "import homesafe.cli, homesafe.api"], environment, repeats
+    )
+    borg_version_seconds = median_wall_clock(["borg", "--version"], environment, repeats)
+    samples = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as scratch:
+            output = Path(scratch) / "phases.json"
+            started = time.monotonic()
+            subprocess.run(
+                [sys.executable, __file__, "--instrumented-run", str(output)],
+                env=environment,
+                capture_output=True,
+                check=True,
+            )
+            wall = time.monotonic() - started
+            sample = json.loads(output.read_text())
+            sample["wall"] = wall
+            samples.append(sample)
+    labels = sorted({label for sample in samples for label in sample["phases"]})
+    phases = {
+        label: statistics.median(sample["phases"].get(label, 0.0) for sample in samples)
+        for label in labels
+    }
+    calls = samples[0]["calls"]
+    wall = statistics.median(sample["wall"] for sample in samples)
+    packages = import_times(runner)
+    print()
+    print(f"Profile of an unchanged `homesafe backup {APP_ID}` (medians of {repeats}):")
+    print(f"  {'python -c pass (interpreter start-up and exit)':<58} {interpreter:7.3f} s")
+    print(f"  {'python -c import homesafe.cli, homesafe.api':<58} {import_homesafe:7.3f} s")
+    print(f"  {'borg --version (what a version check costs uncached)':<58} "
+          f"{borg_version_seconds:7.3f} s")
+    print(f"  {'instrumented run, wall clock':<58} {wall:7.3f} s")
+    for label, seconds in sorted(phases.items(), key=lambda item: -item[1]):
+        count = calls.get(label)
+        suffix = f" ({count} call{'s' if count != 1 else ''})" if count else ""
+        print(f"    {label + suffix:<56} {seconds:7.3f} s")
+    print("  imports during the run, self time summed by top-level package (-X importtime):")
+    for name, seconds, count in packages[:12]:
+        print(f"    {name:<40} {seconds:7.3f} s  {count:4d} modules")
+    return {
+        "interpreter_seconds": interpreter,
+        "import_homesafe_seconds": import_homesafe,
+        "borg_version_seconds": borg_version_seconds,
+        "instrumented_wall_seconds": wall,
+        "phases_seconds": phases,
+        "calls": calls,
+        "imports_by_package": [
+            {"package": name, "seconds": seconds, "modules": count}
+            for name, seconds, count in packages
+        ],
+    }
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+@contextmanager
+def workspace_directory(work_directory: Path | None, keep: bool) -> Iterator[Workspace]:
+    """The work directory: a fresh temp dir under /var/tmp unless one is given.
+
+    A given directory must be missing, empty, or one this benchmark made before (its
+    data set is then reused when the parameters match). It is removed at the end
+    unless ``keep``.
+    """
+    if work_directory is None:
+        root = Path(tempfile.mkdtemp(prefix="homesafe-bench-", dir="/var/tmp"))
+    else:
+        root = work_directory.resolve()
+        if root.exists() and any(root.iterdir()) and not (root / MARKER_FILE).exists():
+            raise SystemExit(f"{root} is not empty and was not made by this benchmark")
+        root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER_FILE).write_text("homesafe overhead benchmark work directory\n")
+    try:
+        yield Workspace(root)
+    finally:
+        if keep:
+            print(f"Work directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=200, help="data set size (200)")
+    parser.add_argument("--small-files", type=int, default=5000, help="small files (5000)")
+    parser.add_argument("--work-dir", type=Path, help="work directory (fresh under /var/tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--first-repeats", type=int, default=2, help="first backups (2)")
+    parser.add_argument(
+        "--unchanged-repeats", type=int, default=3, help="unchanged backups (3)"
+    )
+    parser.add_argument(
+        "--drop-caches",
+        choices=("first", "all", "never"),
+        default="first",
+        help="drop the page cache before timed first backups (default), all runs, or never",
+    )
+    parser.add_argument(
+        "--homesafe",
+        default=str(Path(sys.executable).with_name("homesafe")),
+        help="the homesafe command (default: next to this Python)",
+    )
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON output")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--profile", action="store_true", help="also break down an unchanged homesafe backup"
+    )
+    parser.add_argument("--instrumented-run", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> int:
+    options = parse_arguments()
+    if options.instrumented_run is not None:
+        instrumented_backup(options.instrumented_run)
+        return 0
+    if shutil.which(options.homesafe) is None:
+        raise SystemExit(f"cannot find the homesafe command {options.homesafe!r}")
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    with workspace_directory(options.work_dir, options.keep) as workspace:
+        started = time.monotonic()
+        data_set = generate_data_set(workspace, options.size_mb, options.small_files)
+        log(
+            f"Data set in {workspace.data}: {data_set.files} files, "
+            f"{data_set.total_bytes / MEBIBYTE:.1f} MiB ({data_set.small_files} small, "
+            f"{data_set.incompressible_files} incompressible, "
+            f"{data_set.compressible_files} compressible)"
+            + (" [reused]" if data_set.reused else f" [{time.monotonic() - started:.1f} s]")
+        )
+        runner = Runner(workspace, options.homesafe)
+        timings = measure(
+            runner, options.first_repeats, options.unchanged_repeats, options.drop_caches, log
+        )
+        checked = targets(timings)
+        print()
+        print_table(timings, checked)
+        profile = profile_unchanged(runner, 3) if options.profile else None
+        write_results(
+            options.results, timings, checked, data_set, runner.last_raw_stats, profile
+        )
+        print(f"\nFigures written to {options.results}")
+    missed = [target for target in checked if not target["passed"]]
+    return 1 if options.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
