@@ -43,6 +43,7 @@ compressible text files. The figures are also written as JSON to
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -84,10 +85,39 @@ PASSPHRASE_VARIABLES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHR
 BORG_WARNING = 1
 
 WORDS = (
-    "request accepted rejected worker queue session token cache miss hit upstream "
-    "timeout retry database index vacuum checkpoint replica primary user login logout "
-    "upload download thumbnail calendar contact note folder share sync conflict"
-).split()
+    "request",
+    "accepted",
+    "rejected",
+    "worker",
+    "queue",
+    "session",
+    "token",
+    "cache",
+    "miss",
+    "hit",
+    "upstream",
+    "timeout",
+    "retry",
+    "database",
+    "index",
+    "vacuum",
+    "checkpoint",
+    "replica",
+    "primary",
+    "user",
+    "login",
+    "logout",
+    "upload",
+    "download",
+    "thumbnail",
+    "calendar",
+    "contact",
+    "note",
+    "folder",
+    "share",
+    "sync",
+    "conflict",
+)
 LEVELS = ("DEBUG", "INFO", "INFO", "INFO", "WARNING", "ERROR")
 
 
@@ -254,8 +284,7 @@ def write_manifest(workspace: Workspace, app_id: str, directories: list[Path]) -
     listed = ", ".join(json.dumps(str(directory)) for directory in directories)
     path = workspace.apps_directory / f"{app_id}.toml"
     path.write_text(
-        f'id = "{app_id}"\nname = "Benchmark data ({app_id})"\n\n'
-        f"[data]\ndirectories = [{listed}]\n"
+        f'id = "{app_id}"\nname = "Benchmark data ({app_id})"\n\n[data]\ndirectories = [{listed}]\n'
     )
     os.chmod(path, 0o644)
     return path
@@ -354,6 +383,8 @@ class Runner:
     def raw_create(self, paths: list[Path]) -> float:
         self.raw_archives += 1
         comment = json.dumps({"homesafe": 1, "apps": [APP_ID]}, separators=(",", ":"))
+        # borg >= 1.2 expands {placeholders} in comments: homesafe doubles the braces.
+        comment = comment.replace("{", "{{").replace("}", "}}")
         return self.raw_borg(
             [
                 "create",
@@ -385,7 +416,13 @@ class Runner:
         write_manifest(self.workspace, APP_ID, self.workspace.data_directories)
         self.workspace.raw_repository.parent.mkdir(parents=True, exist_ok=True)
         self.raw_borg(
-            ["init", "--log-json", "--encryption", BORG_ENCRYPTION, str(self.workspace.raw_repository)]
+            [
+                "init",
+                "--log-json",
+                "--encryption",
+                BORG_ENCRYPTION,
+                str(self.workspace.raw_repository),
+            ]
         )
         self.raw_create([bootstrap])
 
@@ -546,30 +583,20 @@ def write_results(
 
 # -- profile of one unchanged homesafe backup -----------------------------------------
 
-# Functions of homesafe timed by --profile, as (module, attribute, label). Each is
-# patched where its callers look it up; none of them calls another one of the list
-# (except that execute.run may run inside borg.version when its cache is cold).
-INSTRUMENTED = (
-    ("homesafe.api", "load_apps", "load manifests (apps.load_apps)"),
-    ("homesafe.api", "_ensure_repository", "repository exists? (api._ensure_repository)"),
-    ("homesafe.repositories.Repository", "passphrase", "read passphrase file"),
-    ("homesafe.state", "read_settings", "read settings (state.read_settings)"),
-    ("homesafe.api", "_tree_size", "size walk over the files (api._tree_size)"),
-    ("homesafe.api", "_write_backup_metadata", "write archive metadata"),
-    ("homesafe.engines.borg", "version", "borg version check (engines.borg.version)"),
-    ("homesafe.execute", "run", "subprocess"),
-    ("homesafe.cli.operations", "print_operation", "print result (rich, incl. import)"),
+# Functions of homesafe timed by --profile, as (module, class or None, attribute, label).
+# Each is patched where its callers look it up; none of them calls another one of the
+# list, except that a subprocess runs inside the borg version check when its cache is cold.
+INSTRUMENTED: tuple[tuple[str, str | None, str, str], ...] = (
+    ("homesafe.api", None, "load_apps", "load manifests (apps.load_apps)"),
+    ("homesafe.api", None, "_ensure_repository", "repository exists? (api._ensure_repository)"),
+    ("homesafe.repositories", "Repository", "passphrase", "read the passphrase file"),
+    ("homesafe.state", None, "read_settings", "read settings (state.read_settings)"),
+    ("homesafe.api", None, "_tree_size", "size walk over the files (api._tree_size)"),
+    ("homesafe.api", None, "_write_backup_metadata", "write the archive metadata"),
+    ("homesafe.engines.borg", None, "version", "borg version check (engines.borg.version)"),
+    ("homesafe.execute", None, "run", "subprocess"),
+    ("homesafe.cli.operations", None, "print_operation", "print the result (rich, incl. import)"),
 )
-
-
-def resolve(dotted: str) -> Any:
-    import importlib
-
-    module_name, _, class_name = dotted.partition(".Repository")
-    target = importlib.import_module(module_name)
-    return getattr(target, "Repository") if class_name == "" and dotted.endswith(
-        ".Repository"
-    ) else target
 
 
 def instrumented_backup(output: Path) -> None:
@@ -602,11 +629,11 @@ def instrumented_backup(output: Path) -> None:
     started = time.perf_counter()
     import homesafe.api
 
-    phases["import homesafe.api (pydantic, manifest, engines...)"] = (
-        time.perf_counter() - started
-    )
-    for location, attribute, label in INSTRUMENTED:
-        target = resolve(location)
+    phases["import homesafe.api (pydantic, manifest, engines...)"] = time.perf_counter() - started
+    for module_name, class_name, attribute, label in INSTRUMENTED:
+        target: Any = importlib.import_module(module_name)
+        if class_name is not None:
+            target = getattr(target, class_name)
         setattr(target, attribute, wrap(label, getattr(target, attribute)))
     started = time.perf_counter()
     try:
@@ -636,18 +663,14 @@ def import_times(runner: Runner) -> list[tuple[str, float, int]]:
         raise RuntimeError(completed.stderr[-2000:])
     by_package: dict[str, list[float]] = {}
     for line in completed.stderr.splitlines():
+        # "import time:   self |   cumulative | <indent>module", in microseconds
         if not line.startswith("import time:") or "self [us]" in line:
             continue
-        _, self_microseconds, _, name = (part.strip() for part in line.split("|", 3)[0:1]
-                                         + line.split("|", 3)[1:2] + ["", line.split("|")[2]])
-        del _
-        package = name.strip().split(".")[0]
-        if package not in sys.stdlib_module_names and not package.startswith("_"):
-            key = package
-        else:
-            key = "(standard library)"
-        entry = by_package.setdefault(key, [0.0, 0])
-        entry[0] += float(self_microseconds.split(":")[1]) / 1e6
+        self_part, _cumulative_part, module = line.split("|", 2)
+        package = module.strip().split(".")[0]
+        standard = package in sys.stdlib_module_names or package.startswith("_")
+        entry = by_package.setdefault("(standard library)" if standard else package, [0.0, 0])
+        entry[0] += int(self_part.split(":")[1]) / 1e6
         entry[1] += 1
     ranked = sorted(by_package.items(), key=lambda item: item[1][0], reverse=True)
     return [(name, seconds, int(count)) for name, (seconds, count) in ranked]
@@ -697,8 +720,10 @@ def profile_unchanged(runner: Runner, repeats: int) -> dict[str, Any]:
     print(f"Profile of an unchanged `homesafe backup {APP_ID}` (medians of {repeats}):")
     print(f"  {'python -c pass (interpreter start-up and exit)':<58} {interpreter:7.3f} s")
     print(f"  {'python -c import homesafe.cli, homesafe.api':<58} {import_homesafe:7.3f} s")
-    print(f"  {'borg --version (what a version check costs uncached)':<58} "
-          f"{borg_version_seconds:7.3f} s")
+    print(
+        f"  {'borg --version (what a version check costs uncached)':<58} "
+        f"{borg_version_seconds:7.3f} s"
+    )
     print(f"  {'instrumented run, wall clock':<58} {wall:7.3f} s")
     for label, seconds in sorted(phases.items(), key=lambda item: -item[1]):
         count = calls.get(label)
@@ -756,9 +781,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="work directory (fresh under /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--first-repeats", type=int, default=2, help="first backups (2)")
-    parser.add_argument(
-        "--unchanged-repeats", type=int, default=3, help="unchanged backups (3)"
-    )
+    parser.add_argument("--unchanged-repeats", type=int, default=3, help="unchanged backups (3)")
     parser.add_argument(
         "--drop-caches",
         choices=("first", "all", "never"),
@@ -808,9 +831,7 @@ def main() -> int:
         print()
         print_table(timings, checked)
         profile = profile_unchanged(runner, 3) if options.profile else None
-        write_results(
-            options.results, timings, checked, data_set, runner.last_raw_stats, profile
-        )
+        write_results(options.results, timings, checked, data_set, runner.last_raw_stats, profile)
         print(f"\nFigures written to {options.results}")
     missed = [target for target in checked if not target["passed"]]
     return 1 if options.check and missed else 0

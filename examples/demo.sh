@@ -55,7 +55,7 @@ on_exit() {
     trap - ERR
     stop_notes >/dev/null 2>&1
     if [[ $status -ne 0 ]]; then
-        printf 'demo FAILED (exit status %s); the demo area is kept in %s\n' "$status" "$DEMO" >&2
+        printf 'demo: stopped with exit status %s; the demo area is kept in %s\n' "$status" "$DEMO" >&2
         exit 1
     fi
 }
@@ -202,7 +202,7 @@ run notesctl check
 if ! diff -r "$EXPECTED/bookmarks" "$ROOT/bookmarks/data"; then
     die "the bookmarks after the restore differ from before the backup (diff above)"
 fi
-echo "the bookmark files are back: $(ls "$ROOT/bookmarks/data" | tr '\n' ' ')"
+echo "the bookmark files are back:" "$ROOT"/bookmarks/data/*
 
 say "Stopping notes"
 run notesctl stop

@@ -1,9 +1,34 @@
 """homesafe: app-aware backup and restore for self-hosted servers.
 
-The public Python API lives in :mod:`homesafe.api`; the most used names are re-exported
-here so that ``from homesafe import backup_apps`` works.
+The public Python API lives in :mod:`homesafe.api`; its names are also available here
+(``from homesafe import backup_apps``), imported on first use so that ``homesafe
+--help`` stays fast.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_API_NAMES = {
+    "AppResult",
+    "BackupError",
+    "OperationResult",
+    "Packet",
+    "backup_apps",
+    "restore_apps",
+    "list_archives",
+    "get_setting",
+    "set_setting",
+}
+
+__all__ = ["__version__", *sorted(_API_NAMES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API_NAMES:
+        from homesafe import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'homesafe' has no attribute {name!r}")

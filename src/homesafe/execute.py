@@ -33,6 +33,10 @@ MASK = "********"
 STDERR_TAIL_LINES = 20
 PIPE_DRAIN_SECONDS = 5.0
 
+# A program's JSON log records are logged again at INFO (shown with -v): its warnings
+# and errors reach the user through homesafe's own results and errors, with context.
+LOG_LEVELS = {"DEBUG": logging.DEBUG}
+
 JsonRecordCallback = Callable[[dict[str, Any]], None]
 
 
@@ -154,7 +158,10 @@ def run(
                 if record is not None:
                     records.append(record)
                     if record.get("type") == "log_message":
-                        tail.append(str(record.get("message", "")))
+                        message = str(record.get("message", ""))
+                        tail.append(message)
+                        level = LOG_LEVELS.get(str(record.get("levelname")), logging.INFO)
+                        logger.log(level, "%s: %s", argv[0], mask(message, secrets))
                     if on_record is not None:
                         on_record(record)
                 else:
