@@ -55,7 +55,9 @@ on_exit() {
     trap - ERR
     stop_notes >/dev/null 2>&1
     if [[ $status -ne 0 ]]; then
-        printf 'demo: stopped with exit status %s; the demo area is kept in %s\n' "$status" "$DEMO" >&2
+        if [[ -e $DEMO/$MARKER ]]; then
+            printf 'demo: the demo area is kept in %s for a look\n' "$DEMO" >&2
+        fi
         exit 1
     fi
 }
@@ -89,6 +91,7 @@ notes_api() {
     python3 - "$NOTES_PORT" "$@" <<'PYTHON'
 import json
 import sys
+import urllib.error
 import urllib.request
 
 port, method, path, *payload = sys.argv[1:]
@@ -100,9 +103,15 @@ request = urllib.request.Request(
     method=method,
     headers={"Content-Type": "application/json"},
 )
-with opener.open(request, timeout=10) as response:
-    # Sorted and indented, so two answers compare with diff.
-    print(json.dumps(json.load(response), indent=2, sort_keys=True, ensure_ascii=False))
+try:
+    with opener.open(request, timeout=10) as response:
+        answer = json.load(response)
+except urllib.error.HTTPError as error:
+    sys.exit(f"{method} {path} answered {error.code}: {error.read().decode(errors='replace')}")
+except OSError as error:
+    sys.exit(f"{method} {path}: cannot reach notes on port {port}: {error}")
+# Sorted and indented, so two answers compare with diff.
+print(json.dumps(answer, indent=2, sort_keys=True, ensure_ascii=False))
 PYTHON
 }
 
@@ -193,7 +202,8 @@ run homesafe restore "$ARCHIVE"
 say "Checking that the data is back"
 notesctl status ||
     die "notes is not running after the restore: homesafe should have started it again"
-notes_api GET /notes >"$DEMO/restored-notes.json"
+notes_api GET /notes >"$DEMO/restored-notes.json" ||
+    die "notes does not answer GET /notes after the restore"
 if ! diff -u "$EXPECTED/notes.json" "$DEMO/restored-notes.json"; then
     die "GET /notes after the restore differs from before the backup (diff above)"
 fi

@@ -116,7 +116,11 @@ class Packet:
 
 @dataclass
 class AppResult:
-    """How one app fared in one operation."""
+    """How one app fared in one operation.
+
+    ``downtime`` is the seconds its services were stopped (monotonic clock); ``size``
+    the bytes in its paths when the backup started, or once the restore finished.
+    """
 
     app: str
     status: Status = "ok"
