@@ -461,7 +461,9 @@ def timed_pair(
     sides = ["homesafe", "raw"] if repeat % 2 == 0 else ["raw", "homesafe"]
     timing.order.append("+".join(sides))
     for side in sides:
-        cold = drop_page_cache() if drop_caches else False
+        # The previous run's dirty pages are written out first, not during this run.
+        os.sync()
+        cold = drop_caches and drop_page_cache()
         if side == "homesafe":
             seconds = runner.homesafe_backup(APP_ID)
             timing.homesafe_seconds.append(seconds)
@@ -602,9 +604,10 @@ INSTRUMENTED: tuple[tuple[str, str | None, str, str], ...] = (
 def instrumented_backup(output: Path) -> None:
     """Run ``homesafe backup bench`` in this process, timing the steps of INSTRUMENTED.
 
-    Called in a subprocess by ``--profile`` (hidden option ``--instrumented-run``).
+    Called in a subprocess by ``--profile`` (hidden option ``--instrumented-run``); the
+    wall-clock times of its start and end let the caller tell start-up and exit apart.
     """
-    process_started = time.perf_counter()
+    started_at = time.time()
     phases: dict[str, float] = {}
     calls: dict[str, int] = {}
 
@@ -629,7 +632,7 @@ def instrumented_backup(output: Path) -> None:
     started = time.perf_counter()
     import homesafe.api
 
-    phases["import homesafe.api (pydantic, manifest, engines...)"] = time.perf_counter() - started
+    phases["import homesafe.api (pydantic, manifest, engines, ...)"] = time.perf_counter() - started
     for module_name, class_name, attribute, label in INSTRUMENTED:
         target: Any = importlib.import_module(module_name)
         if class_name is not None:
@@ -641,13 +644,32 @@ def instrumented_backup(output: Path) -> None:
     except SystemExit as exit_request:
         if exit_request.code not in (0, None):
             raise
-    phases["command total (click main)"] = time.perf_counter() - started
-    phases["in-process total"] = time.perf_counter() - process_started
-    output.write_text(json.dumps({"phases": phases, "calls": calls}))
+    command_seconds = time.perf_counter() - started
+    document = {
+        "started_at": started_at,
+        "imports": {
+            label: seconds for label, seconds in phases.items() if label.startswith("import")
+        },
+        "command_seconds": command_seconds,
+        "steps": {
+            label: seconds for label, seconds in phases.items() if not label.startswith("import")
+        },
+        "calls": calls,
+        "finished_at": time.time(),
+    }
+    output.write_text(json.dumps(document))
 
 
-def import_times(runner: Runner) -> list[tuple[str, float, int]]:
-    """Import time (self, summed) by top-level package during one homesafe backup."""
+@dataclass
+class ImportProfile:
+    """Import self time (seconds, modules) by top-level package, and by module."""
+
+    packages: list[tuple[str, float, int]]
+    modules: list[tuple[str, float]]
+
+
+def import_times(runner: Runner, repeats: int) -> ImportProfile:
+    """Import self times during real homesafe backups (``-X importtime``), medians."""
     argv = [
         sys.executable,
         "-X",
@@ -656,24 +678,45 @@ def import_times(runner: Runner) -> list[tuple[str, float, int]]:
         f"import sys; from homesafe.cli import main; sys.argv = ['homesafe', 'backup', "
         f"{APP_ID!r}]; main()",
     ]
-    completed = subprocess.run(
-        argv, env=homesafe_environment(runner.workspace), capture_output=True, text=True
+    package_runs: list[dict[str, float]] = []
+    module_runs: list[dict[str, float]] = []
+    package_modules: dict[str, int] = {}
+    for _ in range(repeats):
+        completed = subprocess.run(
+            argv, env=homesafe_environment(runner.workspace), capture_output=True, text=True
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(completed.stderr[-2000:])
+        by_package: dict[str, float] = {}
+        by_module: dict[str, float] = {}
+        package_modules.clear()
+        for line in completed.stderr.splitlines():
+            # "import time:   self |   cumulative | <indent>module", in microseconds
+            if not line.startswith("import time:") or "self [us]" in line:
+                continue
+            self_part, _cumulative_part, module_part = line.split("|", 2)
+            module = module_part.strip()
+            package = module.split(".")[0]
+            if package in sys.stdlib_module_names or package.startswith("_"):
+                package = "(standard library)"
+            seconds = int(self_part.split(":")[1]) / 1e6
+            by_package[package] = by_package.get(package, 0.0) + seconds
+            by_module[module] = seconds
+            package_modules[package] = package_modules.get(package, 0) + 1
+        package_runs.append(by_package)
+        module_runs.append(by_module)
+    packages = [
+        (name, statistics.median(run.get(name, 0.0) for run in package_runs), count)
+        for name, count in package_modules.items()
+    ]
+    modules = [
+        (name, statistics.median(run.get(name, 0.0) for run in module_runs))
+        for name in module_runs[0]
+    ]
+    return ImportProfile(
+        packages=sorted(packages, key=lambda item: -item[1]),
+        modules=sorted(modules, key=lambda item: -item[1]),
     )
-    if completed.returncode != 0:
-        raise RuntimeError(completed.stderr[-2000:])
-    by_package: dict[str, list[float]] = {}
-    for line in completed.stderr.splitlines():
-        # "import time:   self |   cumulative | <indent>module", in microseconds
-        if not line.startswith("import time:") or "self [us]" in line:
-            continue
-        self_part, _cumulative_part, module = line.split("|", 2)
-        package = module.strip().split(".")[0]
-        standard = package in sys.stdlib_module_names or package.startswith("_")
-        entry = by_package.setdefault("(standard library)" if standard else package, [0.0, 0])
-        entry[0] += int(self_part.split(":")[1]) / 1e6
-        entry[1] += 1
-    ranked = sorted(by_package.items(), key=lambda item: item[1][0], reverse=True)
-    return [(name, seconds, int(count)) for name, (seconds, count) in ranked]
 
 
 def median_wall_clock(argv: list[str], environment: dict[str, str], repeats: int) -> float:
@@ -685,63 +728,137 @@ def median_wall_clock(argv: list[str], environment: dict[str, str], repeats: int
     return statistics.median(samples)
 
 
+@dataclass
+class ProfileSample:
+    """One instrumented homesafe run and the raw borg run timed next to it."""
+
+    wall: float
+    start_up: float
+    exit: float
+    imports: dict[str, float]
+    command: float
+    steps: dict[str, float]
+    calls: dict[str, int]
+    raw_borg: float
+
+
+def instrumented_sample(runner: Runner) -> ProfileSample:
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "phases.json"
+        os.sync()
+        launched_at = time.time()
+        subprocess.run(
+            [sys.executable, __file__, "--instrumented-run", str(output)],
+            env=homesafe_environment(runner.workspace),
+            capture_output=True,
+            check=True,
+        )
+        exited_at = time.time()
+        document = json.loads(output.read_text())
+    os.sync()
+    raw_borg = runner.raw_create(runner.workspace.data_directories)
+    return ProfileSample(
+        wall=exited_at - launched_at,
+        start_up=document["started_at"] - launched_at,
+        exit=exited_at - document["finished_at"],
+        imports=document["imports"],
+        command=document["command_seconds"],
+        steps=document["steps"],
+        calls=document["calls"],
+        raw_borg=raw_borg,
+    )
+
+
 def profile_unchanged(runner: Runner, repeats: int) -> dict[str, Any]:
-    """Where the time of an unchanged ``homesafe backup`` goes (printed and returned)."""
+    """Where the time of an unchanged ``homesafe backup`` goes (printed and returned).
+
+    The figures are medians over ``repeats`` instrumented runs, each followed by a raw
+    ``borg create`` of the same data, so that the borg call inside homesafe can be set
+    against borg alone.
+    """
     environment = homesafe_environment(runner.workspace)
     interpreter = median_wall_clock([sys.executable, "-c", "pass"], environment, repeats)
     import_homesafe = median_wall_clock(
         [sys.executable, "-c", "import homesafe.cli, homesafe.api"], environment, repeats
     )
     borg_version_seconds = median_wall_clock(["borg", "--version"], environment, repeats)
-    samples = []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as scratch:
-            output = Path(scratch) / "phases.json"
-            started = time.monotonic()
-            subprocess.run(
-                [sys.executable, __file__, "--instrumented-run", str(output)],
-                env=environment,
-                capture_output=True,
-                check=True,
-            )
-            wall = time.monotonic() - started
-            sample = json.loads(output.read_text())
-            sample["wall"] = wall
-            samples.append(sample)
-    labels = sorted({label for sample in samples for label in sample["phases"]})
-    phases = {
-        label: statistics.median(sample["phases"].get(label, 0.0) for sample in samples)
-        for label in labels
+    samples = [instrumented_sample(runner) for _ in range(repeats)]
+
+    def median_of(value: Callable[[ProfileSample], float]) -> float:
+        return statistics.median(value(sample) for sample in samples)
+
+    imports = {
+        label: median_of(lambda sample, label=label: sample.imports.get(label, 0.0))
+        for label in samples[0].imports
     }
-    calls = samples[0]["calls"]
-    wall = statistics.median(sample["wall"] for sample in samples)
-    packages = import_times(runner)
+    step_labels = sorted({label for sample in samples for label in sample.steps})
+    steps = {
+        label: median_of(lambda sample, label=label: sample.steps.get(label, 0.0))
+        for label in step_labels
+    }
+    command = median_of(lambda sample: sample.command)
+    steps["rest of the command (click, api, result building)"] = max(
+        command
+        - sum(
+            value
+            for label, value in steps.items()
+            # borg --version runs inside the version check, when its cache is cold
+            if not label.startswith("subprocess: borg --version")
+        ),
+        0.0,
+    )
+    wall = median_of(lambda sample: sample.wall)
+    start_up = median_of(lambda sample: sample.start_up)
+    exit_seconds = median_of(lambda sample: sample.exit)
+    raw_borg = median_of(lambda sample: sample.raw_borg)
+    borg_create = steps.get("subprocess: borg create", 0.0)
+    imports_profile = import_times(runner, repeats)
+
+    def line(label: str, seconds: float, indent: int = 2) -> None:
+        print(f"{' ' * indent}{label:<{70 - indent}} {seconds:7.3f} s")
+
     print()
     print(f"Profile of an unchanged `homesafe backup {APP_ID}` (medians of {repeats}):")
-    print(f"  {'python -c pass (interpreter start-up and exit)':<58} {interpreter:7.3f} s")
-    print(f"  {'python -c import homesafe.cli, homesafe.api':<58} {import_homesafe:7.3f} s")
-    print(
-        f"  {'borg --version (what a version check costs uncached)':<58} "
-        f"{borg_version_seconds:7.3f} s"
-    )
-    print(f"  {'instrumented run, wall clock':<58} {wall:7.3f} s")
-    for label, seconds in sorted(phases.items(), key=lambda item: -item[1]):
-        count = calls.get(label)
+    line("wall clock of one run (homesafe called in-process, instrumented)", wall)
+    line("start-up: interpreter + bench/overhead.py's own imports", start_up, 4)
+    for label, seconds in imports.items():
+        line(label, seconds, 4)
+    line("command (click main)", command, 4)
+    for label, seconds in sorted(steps.items(), key=lambda item: -item[1]):
+        count = samples[0].calls.get(label)
         suffix = f" ({count} call{'s' if count != 1 else ''})" if count else ""
-        print(f"    {label + suffix:<56} {seconds:7.3f} s")
-    print("  imports during the run, self time summed by top-level package (-X importtime):")
-    for name, seconds, count in packages[:12]:
-        print(f"    {name:<40} {seconds:7.3f} s  {count:4d} modules")
+        line(label + suffix, seconds, 6)
+    line("interpreter exit (finalisation)", exit_seconds, 4)
+    line("raw borg create of the same data, timed right after", raw_borg)
+    line("borg create inside homesafe minus raw borg create", borg_create - raw_borg)
+    print("  for reference:")
+    line("python -c pass (bare interpreter start-up and exit)", interpreter, 4)
+    line("python -c 'import homesafe.cli, homesafe.api' (whole process)", import_homesafe, 4)
+    line("borg --version (what an uncached version check would cost)", borg_version_seconds, 4)
+    print("  imports of a real run (-X importtime, self times; importtime slows them):")
+    for name, seconds, count in imports_profile.packages[:10]:
+        line(f"package {name} ({count} modules)", seconds, 4)
+    for name, seconds in imports_profile.modules[:10]:
+        line(f"module {name}", seconds, 4)
     return {
-        "interpreter_seconds": interpreter,
-        "import_homesafe_seconds": import_homesafe,
+        "repeats": repeats,
+        "wall_seconds": wall,
+        "start_up_seconds": start_up,
+        "imports_seconds": imports,
+        "command_seconds": command,
+        "steps_seconds": steps,
+        "calls": samples[0].calls,
+        "exit_seconds": exit_seconds,
+        "raw_borg_create_seconds": raw_borg,
+        "bare_interpreter_seconds": interpreter,
+        "import_homesafe_process_seconds": import_homesafe,
         "borg_version_seconds": borg_version_seconds,
-        "instrumented_wall_seconds": wall,
-        "phases_seconds": phases,
-        "calls": calls,
         "imports_by_package": [
             {"package": name, "seconds": seconds, "modules": count}
-            for name, seconds, count in packages
+            for name, seconds, count in imports_profile.packages
+        ],
+        "slowest_imports": [
+            {"module": name, "seconds": seconds} for name, seconds in imports_profile.modules[:25]
         ],
     }
 

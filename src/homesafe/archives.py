@@ -24,7 +24,7 @@ METADATA_DIRECTORY = ".homesafe"
 METADATA_FILE = f"{METADATA_DIRECTORY}/archive.json"
 SETTINGS_DIRECTORY = f"{METADATA_DIRECTORY}/settings"
 METADATA_FORMAT = 1
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+@-]*")
 
 
 def default_name(now: datetime.datetime | None = None, host: str | None = None) -> str:
@@ -41,7 +41,7 @@ def default_name(now: datetime.datetime | None = None, host: str | None = None) 
 
 def check_name(name: str) -> str:
     """``name`` if it can be an archive name, else a UsageError saying why."""
-    if len(name) > 200 or not NAME_PATTERN.match(name) or "::" in name:
+    if len(name) > 200 or not NAME_PATTERN.fullmatch(name) or "::" in name:
         raise UsageError(
             f"{name!r} cannot be an archive name",
             hint="Use letters, digits and . _ : + @ - (starting with a letter or digit).",

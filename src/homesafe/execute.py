@@ -117,6 +117,12 @@ def run(
         child_environment.pop(name, None)
     logger.debug("running %s", shown)
 
+    masked_argv = [mask(part, secrets) for part in argv]
+    if working_directory is not None and not os.path.isdir(working_directory):
+        raise CommandError(
+            f"Cannot run {argv[0]}: its working directory {working_directory} does not exist.",
+            argv=masked_argv,
+        )
     stdout_file = open(stdout_path, "wb") if stdout_path is not None else None  # noqa: SIM115
     started = time.monotonic()
     try:
@@ -135,11 +141,13 @@ def run(
         except FileNotFoundError as error:
             raise CommandNotFoundError(
                 f"Cannot run {argv[0]}: it is not installed or not on PATH.",
-                argv=argv,
+                argv=masked_argv,
                 hint=f"Install the program that provides {argv[0]!r}.",
             ) from error
         except PermissionError as error:
-            raise CommandError(f"Cannot run {argv[0]}: permission denied.", argv=argv) from error
+            raise CommandError(
+                f"Cannot run {argv[0]}: permission denied.", argv=masked_argv
+            ) from error
 
         records: list[dict[str, Any]] = []
         stderr_lines: list[str] = []
@@ -177,7 +185,9 @@ def run(
         def read_stdout() -> None:
             assert process.stdout is not None
             with process.stdout:
-                stdout_chunks.append(process.stdout.read())
+                # Chunk by chunk: if a daemon keeps the pipe open, what came before stays.
+                while chunk := os.read(process.stdout.fileno(), 65536):
+                    stdout_chunks.append(chunk)
 
         stdout_thread = None
         if stdout_file is None:
@@ -202,14 +212,15 @@ def run(
             stderr_thread.join(timeout=5)
             raise CommandTimeoutError(
                 f"{shown} did not finish within {timeout:g} s and was killed.",
-                argv=[mask(part, secrets) for part in argv],
+                argv=masked_argv,
                 stderr_tail=mask("\n".join(tail), secrets),
             ) from None
         # A daemon started by the program may keep our pipes open for ever: once the
         # program itself has exited, wait a little for the rest of its output only.
+        drained_by = time.monotonic() + PIPE_DRAIN_SECONDS
         stderr_thread.join(timeout=PIPE_DRAIN_SECONDS)
         if stdout_thread is not None:
-            stdout_thread.join(timeout=PIPE_DRAIN_SECONDS)
+            stdout_thread.join(timeout=max(0.0, drained_by - time.monotonic()))
     finally:
         if stdout_file is not None:
             stdout_file.close()
@@ -229,7 +240,7 @@ def run(
             what = f"failed with exit code {returncode}"
         raise CommandError(
             f"{shown} {what}.",
-            argv=[mask(part, secrets) for part in argv],
+            argv=masked_argv,
             returncode=returncode,
             stderr_tail=mask("\n".join(tail), secrets),
             message_ids=completed.message_ids(),

@@ -26,12 +26,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from homesafe.errors import ManifestError, ManifestProblem
 
-APP_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+APP_ID_PATTERN = r"[a-z0-9][a-z0-9_-]*"
 # Archives keep homesafe's own files (metadata, settings) under this top-level name.
 RESERVED_ARCHIVE_DIRECTORY = ".homesafe"
 
@@ -44,8 +43,9 @@ def _check_absolute_path(value: str) -> str:
         raise ValueError(f"{value!r} is not an absolute path")
     if value == "/":
         raise ValueError("'/' itself cannot be an app path (use a full-system backup)")
-    if posixpath.normpath(value) != value or value.startswith("//"):
-        raise ValueError(f"{value!r} is not normalised (expected {posixpath.normpath(value)!r})")
+    normalised = "/" + posixpath.normpath(value).lstrip("/")
+    if normalised != value:
+        raise ValueError(f"{value!r} is not normalised (expected {normalised!r})")
     if "\x00" in value:
         raise ValueError("paths cannot contain NUL bytes")
     if value.split("/")[1] == RESERVED_ARCHIVE_DIRECTORY:
@@ -68,7 +68,8 @@ Argv = Annotated[list[str], AfterValidator(_check_argv)]
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: TOML has real types, so `version = "2"` or `true` is a mistake, not a 2 or 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class PathSection(Model):
@@ -143,7 +144,7 @@ class Setup(Model):
 class Manifest(Model):
     """One app's manifest, as DESIGN.md specifies it."""
 
-    id: str = Field(pattern=APP_ID_PATTERN)
+    id: str = Field(pattern=f"^{APP_ID_PATTERN}$")
     name: str | None = None
     version: int = 0
     depends: list[str] = Field(default_factory=list)
@@ -171,18 +172,9 @@ class Manifest(Model):
     @classmethod
     def _depends_are_ids(cls, value: list[str]) -> list[str]:
         for item in value:
-            if not re.match(APP_ID_PATTERN, item):
+            if not re.fullmatch(APP_ID_PATTERN, item):
                 raise ValueError(f"{item!r} is not an app id")
         return value
-
-    @model_validator(mode="after")
-    def _paths_do_not_overlap(self) -> Manifest:
-        problems = list(overlapping_paths(self.owned_paths()))
-        if problems:
-            raise ValueError("; ".join(problems))
-        if self.id in self.depends:
-            raise ValueError("an app cannot depend on itself")
-        return self
 
     @property
     def display_name(self) -> str:
@@ -215,30 +207,15 @@ def is_inside(path: str, other: str) -> bool:
     return path == other or path.startswith(other.rstrip("/") + "/")
 
 
-def overlapping_paths(paths: list[str]) -> Iterator[str]:
-    """Describe every pair of paths where one is, or contains, the other."""
-    for index, path in enumerate(paths):
-        for other in paths[index + 1 :]:
-            if path == other:
-                yield f"{path} is listed twice"
-            elif is_inside(path, other):
-                yield f"{path} lies inside {other}, which is listed too"
-            elif is_inside(other, path):
-                yield f"{other} lies inside {path}, which is listed too"
-
-
 def problems_from_validation(source: str, error: ValidationError) -> list[ManifestProblem]:
     """Turn pydantic's errors into problems naming the file and the dotted field."""
     problems = []
     for detail in error.errors():
-        location = [str(part) for part in detail["loc"]]
-        # The discriminated union adds the type tag to the location: drop it.
-        location = [
-            part
-            for part in location
-            if part not in {"systemd", "runit", "openrc", "apache", "command"}
-        ]
-        field = ".".join(location)
+        location = list(detail["loc"])
+        # The discriminated union puts the type tag after services.N: drop it there.
+        if len(location) > 2 and location[0] == "services" and isinstance(location[1], int):
+            del location[2]
+        field = ".".join(str(part) for part in location)
         message = detail["msg"]
         if detail["type"] == "extra_forbidden":
             message = "unknown key"
@@ -248,14 +225,64 @@ def problems_from_validation(source: str, error: ValidationError) -> list[Manife
     return problems
 
 
-def parse_manifest(data: Any, source: str) -> Manifest:
-    """Validate a manifest given as a mapping; raise ManifestError with every problem."""
-    if isinstance(data, Manifest):
-        return data
+def _is_valid_path(value: str) -> bool:
     try:
-        return Manifest.model_validate(data)
+        _check_absolute_path(value)
+    except ValueError:
+        return False  # reported by the field's own validation
+    return True
+
+
+def consistency_problems(data: Any, source: str) -> list[ManifestProblem]:
+    """Rules across fields of one manifest: no path listed twice or inside another, no
+    dependency on itself. Checked on the raw mapping, so they are reported together with
+    every field problem of the same file."""
+    if not isinstance(data, dict):
+        return []
+    paths: list[tuple[str, str]] = []
+    for section in ("config", "data", "secrets"):
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        for kind in ("directories", "files"):
+            items = table.get(kind)
+            if isinstance(items, list):
+                paths += [
+                    (f"{section}.{kind}.{index}", item)
+                    for index, item in enumerate(items)
+                    if isinstance(item, str) and _is_valid_path(item)
+                ]
+    problems = []
+    for index, (field, path) in enumerate(paths):
+        for _, earlier in paths[:index]:
+            if path == earlier:
+                message = f"{path} is listed twice"
+            elif is_inside(path, earlier):
+                message = f"{path} lies inside {earlier}, which is listed too"
+            elif is_inside(earlier, path):
+                message = f"{earlier} lies inside {path}, which is listed too"
+            else:
+                continue
+            problems.append(ManifestProblem(source, field, message))
+    depends = data.get("depends")
+    if isinstance(depends, list) and data.get("id") in depends:
+        problems.append(ManifestProblem(source, "depends", "an app cannot depend on itself"))
+    return problems
+
+
+def parse_manifest(data: Any, source: str) -> Manifest:
+    """Validate a manifest given as a mapping (or a Manifest built in Python); raise
+    ManifestError with every problem found."""
+    if isinstance(data, Manifest):
+        data = data.model_dump(mode="python")
+    problems = consistency_problems(data, source)
+    try:
+        manifest = Manifest.model_validate(data)
     except ValidationError as error:
-        raise ManifestError(problems_from_validation(source, error)) from None
+        problems = problems_from_validation(source, error) + problems
+    if problems:
+        raise ManifestError(problems)
+    return manifest
 
 
 def load_manifest_file(path: Path) -> Manifest:

@@ -1,0 +1,189 @@
+"""Archive names and the summary kept in archive comments."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import pytest
+
+from homesafe import archives
+from homesafe.archives import (
+    CommentSummary,
+    check_name,
+    comment_summary,
+    default_name,
+    parse_comment,
+)
+from homesafe.errors import UsageError
+
+UTC = datetime.UTC
+MOMENT = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+
+
+# -- default names -------------------------------------------------------------------
+
+
+def test_default_name_format() -> None:
+    assert default_name(MOMENT, "server") == "server-2024-05-06T07:08:09.123456Z"
+
+
+def test_default_names_a_microsecond_apart_differ() -> None:
+    later = MOMENT + datetime.timedelta(microseconds=1)
+    first, second = default_name(MOMENT, "server"), default_name(later, "server")
+    assert first != second
+    assert first < second
+
+
+def test_default_names_sort_in_time_order() -> None:
+    moments = [
+        datetime.datetime(2023, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime.datetime(2024, 1, 1, tzinfo=UTC),
+        datetime.datetime(2024, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime.datetime(2024, 2, 1, 9, tzinfo=UTC),
+        datetime.datetime(2024, 10, 1, 10, tzinfo=UTC),
+        datetime.datetime(2024, 10, 1, 10, 0, 1, tzinfo=UTC),
+    ]
+    names = [default_name(moment, "host") for moment in moments]
+    assert sorted(names) == names
+    assert len(set(names)) == len(names)
+
+
+def test_default_name_is_in_utc() -> None:
+    plus_two = datetime.timezone(datetime.timedelta(hours=2))
+    local = datetime.datetime(2024, 5, 6, 9, 8, 9, 123456, tzinfo=plus_two)
+    assert default_name(local, "server") == default_name(MOMENT, "server")
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("my_host.example", "my-host-example"),
+        ("web 01", "web-01"),
+        ("höst", "h-st"),
+        ("plain-Host9", "plain-Host9"),
+    ],
+)
+def test_default_name_sanitises_the_host(host: str, expected: str) -> None:
+    name = default_name(MOMENT, host)
+    assert name == f"{expected}-2024-05-06T07:08:09.123456Z"
+    assert check_name(name) == name
+
+
+def test_default_name_without_arguments_is_a_valid_name() -> None:
+    before = default_name(datetime.datetime.now(UTC), "h")
+    name = default_name()
+    assert check_name(name) == name
+    assert name.endswith("Z")
+    stamp = name[-len("2024-05-06T07:08:09.123456Z") :]
+    assert stamp >= before[-len(stamp) :]
+
+
+# -- checking names ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a",
+        "9",
+        "server-2024-05-06T07:08:09.123456Z",
+        "before.upgrade_v2+fix@home:1",
+        "x" * 200,
+    ],
+)
+def test_check_name_accepts(name: str) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "-starts-with-dash",
+        ".hidden",
+        "_under",
+        "has space",
+        "a/b",
+        "repo::archive",
+        "x" * 201,
+        "ümlaut",
+        "tab\there",
+        "{hostname}",
+        "trailing-newline\n",
+    ],
+)
+def test_check_name_refuses(name: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        check_name(name)
+    assert repr(name) in caught.value.message
+    assert caught.value.hint is not None
+    assert caught.value.exit_code == 2
+
+
+# -- comments ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app_ids", "user_comment"),
+    [
+        (["notes", "wiki"], "before the upgrade"),
+        (["notes"], None),
+        ([], ""),
+        (["db"], 'braces {hostname} and "quotes" and ünïcode'),
+    ],
+)
+def test_comment_round_trip(app_ids: list[str], user_comment: str | None) -> None:
+    comment = comment_summary(app_ids, user_comment)
+    assert "\n" not in comment
+    assert " " not in comment.split('"comment"')[0]  # compact separators
+    parsed = parse_comment(comment)
+    assert parsed == CommentSummary(True, app_ids, user_comment or "")
+
+
+def test_comment_summary_is_compact_json() -> None:
+    comment = comment_summary(["notes", "wiki"], "hi")
+    assert comment == '{"homesafe":1,"apps":["notes","wiki"],"comment":"hi"}'
+    assert json.loads(comment)["homesafe"] == archives.METADATA_FORMAT
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        '{"type":"scheduled","periods":["daily"]}',
+        "weekly backup before the upgrade",
+        "[1, 2, 3]",
+        '"just a json string"',
+        "{not json",
+    ],
+)
+def test_foreign_comments_are_kept_as_text(comment: str) -> None:
+    assert parse_comment(comment) == CommentSummary(False, [], comment)
+
+
+def test_empty_comment_is_not_homesafe() -> None:
+    assert parse_comment("") == CommentSummary(False, [], "")
+
+
+def test_odd_homesafe_comment_is_read_safely() -> None:
+    assert parse_comment('{"homesafe":1,"apps":"notes"}') == CommentSummary(True, [], "")
+    assert parse_comment('{"homesafe":1,"apps":[1,"a"]}') == CommentSummary(True, ["1", "a"], "")
+
+
+# -- metadata files ------------------------------------------------------------------
+
+
+def test_metadata_round_trip(tmp_path: Path) -> None:
+    metadata = archives.build_metadata(
+        archive_name="a", comment=None, apps=[{"id": "notes", "version": 2}]
+    )
+    assert metadata["format"] == archives.METADATA_FORMAT
+    assert metadata["comment"] == ""
+    assert metadata["archive"] == "a"
+    archives.write_metadata(tmp_path, metadata, {"notes": {"notes.theme": "dark"}})
+    assert (tmp_path / ".homesafe" / "archive.json").is_file()
+    assert archives.read_metadata(tmp_path) == metadata
+    assert archives.read_settings(tmp_path, "notes") == {"notes.theme": "dark"}
+    assert archives.read_settings(tmp_path, "wiki") is None
+    assert archives.read_metadata(tmp_path / "elsewhere") is None
