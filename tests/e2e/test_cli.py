@@ -189,3 +189,24 @@ def test_help_describes_every_command() -> None:
     assert completed.returncode == 0
     for command in ("apps", "backup", "archives", "restore", "export", "key"):
         assert command in completed.stdout
+
+
+def test_deleting_a_missing_archive_deletes_nothing(apps: Path) -> None:
+    kept = json_of(homesafe("backup", "good", "--json"))["archive"]
+    completed = homesafe("archives", "delete", "--yes", kept, "no-such-archive")
+    assert completed.returncode == 1
+    assert "no-such-archive" in completed.stderr
+    listed = json_of(homesafe("archives", "list", "--json"))["archives"]
+    assert [archive["name"] for archive in listed] == [kept]
+
+
+def test_the_borg_under_test_is_the_one_asked_for(homesafe_env: Path) -> None:
+    """make test runs the engine tests twice: with Debian's borg 1.2 and with borg 1.4."""
+    from homesafe.engines import borg
+
+    found = ".".join(map(str, borg.version()))
+    expected = os.environ.get("HOMESAFE_TEST_BORG_VERSION")
+    if expected:
+        assert found == expected
+    else:
+        assert found.startswith(("1.2.", "1.4."))

@@ -411,6 +411,16 @@ class BorgEngine:
     def delete(self, repository: Repository, archive_names: Sequence[str]) -> None:
         if not archive_names:
             return
+        # borg 1.2 exits 0 and 1.4 exits 1 (before compacting) on a missing name, with
+        # no msgid either way: check the names first so nothing is half done.
+        existing = {archive.name for archive in self.list_archives(repository)}
+        missing = [name for name in archive_names if name not in existing]
+        if missing:
+            raise ArchiveNotFoundError(
+                f"no archive {', '.join(missing)} in repository {repository.name!r}; "
+                "nothing was deleted",
+                hint=HINTS[ArchiveNotFoundError],
+            )
         run_borg(repository, delete_argv(repository, archive_names))
         if has_feature("compact"):
             run_borg(repository, compact_argv(repository))
