@@ -188,10 +188,6 @@ class DataSet:
         return self.small_bytes + self.incompressible_bytes + self.compressible_bytes
 
 
-def random_bytes(generator: Random, size: int) -> bytes:
-    return generator.randbytes(size)
-
-
 def text_bytes(generator: Random, size: int, first_line: int = 0) -> bytes:
     """Log-like lines: each one different, all of them very compressible."""
     lines = []
@@ -241,7 +237,7 @@ def generate_data_set(workspace: Workspace, size_mb: int, small_files: int) -> D
             directory.mkdir(parents=True, exist_ok=True)
         size = generator.randint(KIBIBYTE, 16 * KIBIBYTE)
         if index % 2:
-            content = random_bytes(generator, size)
+            content = generator.randbytes(size)
             path = directory / f"blob-{index:05d}.bin"
         else:
             content = text_bytes(generator, size, first_line=index * 1000)
@@ -259,7 +255,7 @@ def generate_data_set(workspace: Workspace, size_mb: int, small_files: int) -> D
         write_large_file(
             incompressible_root / f"media-{index}.bin",
             incompressible_size,
-            lambda size, _offset: random_bytes(generator, size),
+            lambda size, _offset: generator.randbytes(size),
         )
         data_set.incompressible_files += 1
         data_set.incompressible_bytes += incompressible_size
@@ -535,6 +531,12 @@ def print_table(timings: list[Timing], checked: list[dict[str, Any]]) -> None:
             f"{len(timing.raw_seconds):>2} {timing.raw_median:>11.3f} "
             f"{timing.homesafe_median:>11.3f} {timing.ratio:>7.3f} "
             f"{timing.added_seconds:>+8.3f}   {verdict} ({limit})"
+        )
+    for timing in timings:
+        print(
+            f"  {timing.case}: raw borg {min(timing.raw_seconds):.3f}-"
+            f"{max(timing.raw_seconds):.3f} s, homesafe {min(timing.homesafe_seconds):.3f}-"
+            f"{max(timing.homesafe_seconds):.3f} s (min-max over {len(timing.raw_seconds)})"
         )
 
 
@@ -831,6 +833,8 @@ def profile_unchanged(runner: Runner, repeats: int) -> dict[str, Any]:
     line("interpreter exit (finalisation)", exit_seconds, 4)
     line("raw borg create of the same data, timed right after", raw_borg)
     line("borg create inside homesafe minus raw borg create", borg_create - raw_borg)
+    own_seconds = import_homesafe + command - borg_create
+    line("homesafe's own time: import process (below) + command - borg create", own_seconds)
     print("  for reference:")
     line("python -c pass (bare interpreter start-up and exit)", interpreter, 4)
     line("python -c 'import homesafe.cli, homesafe.api' (whole process)", import_homesafe, 4)
@@ -850,6 +854,7 @@ def profile_unchanged(runner: Runner, repeats: int) -> dict[str, Any]:
         "calls": samples[0].calls,
         "exit_seconds": exit_seconds,
         "raw_borg_create_seconds": raw_borg,
+        "homesafe_own_seconds_estimate": own_seconds,
         "bare_interpreter_seconds": interpreter,
         "import_homesafe_process_seconds": import_homesafe,
         "borg_version_seconds": borg_version_seconds,
