@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -345,6 +346,23 @@ def _tree_size(path: str) -> int:
     return total
 
 
+def _measure_sizes_in_background(
+    apps: Sequence[App], results: dict[str, AppResult], on_progress: ProgressCallback | None
+) -> threading.Thread:
+    """Start measuring each app's size in a thread; a progress bar learns the total."""
+
+    def measure() -> None:
+        for app in apps:
+            results[app.id].size = sum(_tree_size(path) for path in results[app.id].paths)
+        if on_progress is not None:
+            total = sum(results[app.id].size for app in apps)
+            on_progress(Progress("create", current=None, total=total))
+
+    thread = threading.Thread(target=measure, name="measure-sizes", daemon=True)
+    thread.start()
+    return thread
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
@@ -392,8 +410,6 @@ def backup_apps(
         _ensure_repository(repository)
         repository.passphrase()  # fails early, before any service is stopped
     settings = {app.id: state.read_settings(app.manifest.settings) for app in selected}
-    for app in selected:
-        results[app.id].size = sum(_tree_size(path) for path in app.manifest.owned_paths())
 
     quiesced = _Quiesced(selected, results, "backup")
     with _staging_directory() as staging:
@@ -410,9 +426,9 @@ def backup_apps(
                     else:
                         results[app.id].warnings.append(f"{path} does not exist; not backed up")
             packet.apps = included
-            if included and on_progress is not None:
-                total = sum(results[app.id].size for app in included)
-                on_progress(Progress("create", 0, total=total, message="starting"))
+            # Sizes are measured while the engine reads (it is single-threaded): they
+            # cost no wall time there, and they are the sizes of what it captures.
+            sizes = _measure_sizes_in_background(included, results, on_progress)
             if included:
                 _write_backup_metadata(Path(staging), name, comment, included, results, settings)
                 stats = _create(
@@ -423,6 +439,7 @@ def backup_apps(
                 if stats is not None:
                     result.engine_stats = stats
                     _attribute_warnings(stats.warnings, included, results)
+            sizes.join()
             _run_hooks("backup_post", included, results, packet)
         except EngineError as error:
             for app in selected:
@@ -454,14 +471,13 @@ def _write_backup_metadata(
                 "id": app.id,
                 "name": app.manifest.display_name,
                 "version": app.manifest.version,
-                "manifest": app.manifest.model_dump(mode="json"),
+                "manifest": app.manifest.to_dict(),
                 "strategy": result.strategy,
                 # With the stop strategy, services are still stopped while the archive
                 # is written, so the downtime is known only after it (see the result).
                 "downtime_seconds": 0.0 if result.strategy == "live" else None,
                 "status": "captured",
                 "paths": result.paths,
-                "size": result.size,
                 "settings": archives.settings_member(app.id),
             }
         )

@@ -13,6 +13,9 @@ with the :class:`~homesafe.api.Packet`.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,14 +23,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from homesafe import execute, locations
+from homesafe import __version__, execute, locations
 from homesafe.errors import (
     AppNotFoundError,
     DependencyError,
     ManifestError,
     ManifestProblem,
 )
-from homesafe.manifest import HOOK_NAMES, Manifest, is_inside, load_manifest_file, parse_manifest
+from homesafe.manifest import (
+    HOOK_NAMES,
+    Manifest,
+    is_inside,
+    load_manifest_file,
+    parse_manifest,
+)
 
 ENTRY_POINT_GROUP = "homesafe.apps"
 
@@ -71,12 +80,18 @@ def load_apps(apps_directory: Path | None = None, *, entry_points: bool = True) 
     directory = apps_directory if apps_directory is not None else locations.apps_directory()
     problems: list[ManifestProblem] = []
     apps: list[App] = []
+    cache = ManifestCache.load()
     for path in manifest_files(directory):
         try:
-            check_manifest_permissions(path)
-            apps.append(App(load_manifest_file(path), str(path)))
+            status = check_manifest_permissions(path)
+            manifest = cache.get(path, status)
+            if manifest is None:
+                manifest = load_manifest_file(path)
+                cache.put(path, status, manifest)
+            apps.append(App(manifest, str(path)))
         except ManifestError as error:
             problems.extend(error.problems)
+    cache.save()
     if entry_points:
         for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
             source = f"entry point {entry_point.name} ({entry_point.value})"
@@ -102,10 +117,14 @@ def manifest_files(directory: Path) -> list[Path]:
     return sorted(path for path in directory.glob("*.toml") if path.is_file())
 
 
-def check_manifest_permissions(path: Path) -> None:
-    """As root, refuse a manifest others could have written: it would run as root."""
+def check_manifest_permissions(path: Path) -> os.stat_result:
+    """As root, refuse a manifest others could have written: it would run as root.
+
+    Returns the manifest file's status.
+    """
+    file_status = path.stat()
     if not locations.running_as_root():
-        return
+        return file_status
     for checked in (path, path.parent):
         status = checked.stat()
         if status.st_uid != 0:
@@ -123,6 +142,69 @@ def check_manifest_permissions(path: Path) -> None:
                     )
                 ]
             )
+    return file_status
+
+
+class ManifestCache:
+    """Manifests validated before, by file identity, kept in ``$HOMESAFE_HOME``.
+
+    Validation imports pydantic, which alone costs more start-up time than homesafe may
+    add to a backup; a manifest whose file has not changed (same inode, size, mtime and
+    ctime, and the same homesafe version) is rebuilt from the cache instead. The cache
+    lives in the state directory (0700), so only who may change homesafe's state may
+    change it; a cache that cannot be read or written is simply not used.
+    """
+
+    FILE_NAME = "manifest-cache.json"
+
+    def __init__(self, entries: dict[str, Any]) -> None:
+        self.entries = entries
+        self.changed = False
+
+    @classmethod
+    def load(cls) -> ManifestCache:
+        try:
+            document = json.loads((locations.home() / cls.FILE_NAME).read_text())
+        except (OSError, ValueError):
+            return cls({})
+        if not isinstance(document, dict) or document.get("homesafe") != __version__:
+            return cls({})
+        entries = document.get("manifests")
+        return cls(entries if isinstance(entries, dict) else {})
+
+    @staticmethod
+    def identity(status: os.stat_result) -> list[int]:
+        return [
+            status.st_dev,
+            status.st_ino,
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+        ]
+
+    def get(self, path: Path, status: os.stat_result) -> Manifest | None:
+        entry = self.entries.get(str(path))
+        if not isinstance(entry, dict) or entry.get("identity") != self.identity(status):
+            return None
+        try:
+            return Manifest.from_validated(entry["manifest"])
+        except (KeyError, TypeError):
+            return None
+
+    def put(self, path: Path, status: os.stat_result, manifest: Manifest) -> None:
+        self.entries[str(path)] = {
+            "identity": self.identity(status),
+            "manifest": manifest.to_dict(),
+        }
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        document = {"homesafe": __version__, "manifests": self.entries}
+        with contextlib.suppress(OSError):
+            locations.ensure_home()
+            locations.write_secret_file(locations.home() / self.FILE_NAME, json.dumps(document))
 
 
 def cross_app_problems(apps: Sequence[App]) -> list[ManifestProblem]:

@@ -1,34 +1,37 @@
 """The app manifest: what an app owns, how to hold it still, how to set it up.
 
 A manifest is a TOML file in ``$HOMESAFE_CONFIG/apps.d/`` (or the ``manifest`` of a
-Python app registered under the ``homesafe.apps`` entry point group). This module only
+Python app registered under the ``homesafe.apps`` entry point group). This module
 validates one manifest; rules between apps (unique ids and paths, dependencies) are in
 :mod:`homesafe.apps`.
 
-Rules: unknown keys are errors; every path is absolute and normalised (no ``..``, no
-trailing ``/``, not ``/`` itself); commands are non-empty argv lists; a service given as
-a plain string is a systemd unit, as in the reference design.
+Rules: unknown keys are errors; types are strict (``version = "2"`` is a mistake, not a
+2); every path is absolute and normalised (no ``..``, no trailing ``/``, not ``/``
+itself); commands are non-empty argv lists; a service given as a plain string is a
+systemd unit, as in the reference design.
+
+The model is made of frozen standard-library dataclasses, validated by pydantic through
+the ``Annotated`` markers below. pydantic is imported only when a manifest is validated:
+a backup whose manifests were validated before (see :mod:`homesafe.apps`) never pays
+for it, which keeps homesafe's start-up within its budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-)
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from homesafe.errors import ManifestError, ManifestProblem
+
+if TYPE_CHECKING:
+    from pydantic import GetCoreSchemaHandler, TypeAdapter, ValidationError
+    from pydantic_core import CoreSchema
 
 APP_ID_PATTERN = r"[a-z0-9][a-z0-9_-]*"
 # Archives keep homesafe's own files (metadata, settings) under this top-level name.
@@ -36,6 +39,62 @@ RESERVED_ARCHIVE_DIRECTORY = ".homesafe"
 
 Strategy = Literal["auto", "snapshot", "clone", "stop", "live"]
 OnError = Literal["fail", "continue"]
+
+
+# -- validation markers: read by pydantic, inert otherwise ---------------------------
+
+
+class _After:
+    """Run ``check`` on the value once its type is validated (it raises ValueError)."""
+
+    def __init__(self, check: Callable[[Any], Any]) -> None:
+        self.check = check
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+
+class _Before:
+    """Rewrite the raw value with ``convert`` before its type is validated."""
+
+    def __init__(self, convert: Callable[[Any], Any]) -> None:
+        self.convert = convert
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_before_validator_function(self.convert, handler(source))
+
+
+class _Strict:
+    """No coercion: ``true`` or ``"2"`` is not an int."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        from pydantic import Strict
+
+        return handler(Annotated[source, Strict()])
+
+
+class _TaggedBy:
+    """A union told apart by the value of one key (``type`` for services)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        from pydantic import Field
+
+        return handler(Annotated[source, Field(discriminator=self.key)])
 
 
 def _check_absolute_path(value: str) -> str:
@@ -53,9 +112,6 @@ def _check_absolute_path(value: str) -> str:
     return value
 
 
-AbsolutePath = Annotated[str, AfterValidator(_check_absolute_path)]
-
-
 def _check_argv(value: list[str]) -> list[str]:
     if not value:
         raise ValueError("a command must be a non-empty argv list")
@@ -64,117 +120,183 @@ def _check_argv(value: list[str]) -> list[str]:
     return value
 
 
-Argv = Annotated[list[str], AfterValidator(_check_argv)]
+def _check_not_empty(value: str) -> str:
+    if not value:
+        raise ValueError("cannot be empty")
+    return value
 
 
-class Model(BaseModel):
-    # Strict: TOML has real types, so `version = "2"` or `true` is a mistake, not a 2 or 1.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+def _check_app_id(value: str) -> str:
+    if not re.fullmatch(APP_ID_PATTERN, value):
+        raise ValueError(f"{value!r} is not an app id (it must match {APP_ID_PATTERN})")
+    return value
 
 
-class PathSection(Model):
+def _check_app_ids(value: list[str]) -> list[str]:
+    for item in value:
+        _check_app_id(item)
+    return value
+
+
+def _check_positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _plain_string_is_systemd(value: Any) -> Any:
+    if isinstance(value, list):
+        return [
+            {"type": "systemd", "name": item} if isinstance(item, str) else item for item in value
+        ]
+    return value
+
+
+AbsolutePath = Annotated[str, _After(_check_absolute_path)]
+Argv = Annotated[list[str], _After(_check_argv)]
+Name = Annotated[str, _After(_check_not_empty)]
+
+# Unknown keys are errors everywhere.
+_CONFIG: dict[str, Any] = {"extra": "forbid"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PathSection:
     """Directories and files of one kind (config, data or secrets)."""
 
-    directories: list[AbsolutePath] = Field(default_factory=list)
-    files: list[AbsolutePath] = Field(default_factory=list)
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
+    directories: list[AbsolutePath] = dataclasses.field(default_factory=list)
+    files: list[AbsolutePath] = dataclasses.field(default_factory=list)
 
     def paths(self) -> list[str]:
         return [*self.directories, *self.files]
 
 
-class SystemdService(Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SystemdService:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
     type: Literal["systemd"] = "systemd"
-    name: str = Field(min_length=1)
+    name: Name
 
 
-class RunitService(Model):
-    type: Literal["runit"]
-    name: str = Field(min_length=1)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunitService:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
+    type: Literal["runit"] = "runit"
+    name: Name
     service_directory: str | None = None  # SVDIR, when not the system default
 
 
-class OpenrcService(Model):
-    type: Literal["openrc"]
-    name: str = Field(min_length=1)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OpenrcService:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
+    type: Literal["openrc"] = "openrc"
+    name: Name
 
 
-class ApacheService(Model):
-    type: Literal["apache"]
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApacheService:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
+    type: Literal["apache"] = "apache"
     kind: Literal["site", "config", "module"]
-    name: str = Field(min_length=1)
+    name: Name
 
 
-class CommandService(Model):
-    type: Literal["command"]
-    name: str = Field(min_length=1)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommandService:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
+    type: Literal["command"] = "command"
+    name: Name
     start: Argv
     stop: Argv
     status: Argv  # exit 0 means running
 
 
 Service = Annotated[
-    SystemdService | RunitService | OpenrcService | ApacheService | CommandService,
-    Field(discriminator="type"),
+    Union[SystemdService, RunitService, OpenrcService, ApacheService, CommandService],  # noqa: UP007
+    _TaggedBy("type"),
 ]
+SERVICE_TYPES: dict[str, type[Any]] = {
+    "systemd": SystemdService,
+    "runit": RunitService,
+    "openrc": OpenrcService,
+    "apache": ApacheService,
+    "command": CommandService,
+}
 
 
-class Hooks(Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hooks:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
     backup_pre: Argv | None = None
     backup_post: Argv | None = None
     restore_pre: Argv | None = None
     restore_post: Argv | None = None
-    timeout: float = Field(default=60, gt=0)
+    timeout: Annotated[float, _Strict(), _After(_check_positive)] = 60.0
     on_error: OnError = "fail"
 
 
 HOOK_NAMES = ("backup_pre", "backup_post", "restore_pre", "restore_post")
 
 
-class Lockdown(Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lockdown:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
     enter: Argv | None = None
     leave: Argv | None = None
 
 
-class Setup(Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Setup:
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
     installed: Argv | None = None
     install: Argv | None = None
     health: Argv | None = None
 
 
-class Manifest(Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Manifest:
     """One app's manifest, as DESIGN.md specifies it."""
 
-    id: str = Field(pattern=f"^{APP_ID_PATTERN}$")
+    __pydantic_config__: ClassVar[dict[str, Any]] = _CONFIG
+    id: Annotated[str, _After(_check_app_id)]
     name: str | None = None
-    version: int = 0
-    depends: list[str] = Field(default_factory=list)
+    version: Annotated[int, _Strict()] = 0
+    depends: Annotated[list[str], _After(_check_app_ids)] = dataclasses.field(default_factory=list)
     consistency: Strategy = "auto"
-    settings: list[str] = Field(default_factory=list)
-    config: PathSection = Field(default_factory=PathSection)
-    data: PathSection = Field(default_factory=PathSection)
-    secrets: PathSection = Field(default_factory=PathSection)
-    services: list[Service] = Field(default_factory=list)
-    hooks: Hooks = Field(default_factory=Hooks)
-    lockdown: Lockdown = Field(default_factory=Lockdown)
-    setup: Setup = Field(default_factory=Setup)
+    settings: list[str] = dataclasses.field(default_factory=list)
+    config: PathSection = dataclasses.field(default_factory=PathSection)
+    data: PathSection = dataclasses.field(default_factory=PathSection)
+    secrets: PathSection = dataclasses.field(default_factory=PathSection)
+    services: Annotated[list[Service], _Before(_plain_string_is_systemd)] = dataclasses.field(
+        default_factory=list
+    )
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
+    lockdown: Lockdown = dataclasses.field(default_factory=Lockdown)
+    setup: Setup = dataclasses.field(default_factory=Setup)
 
-    @field_validator("services", mode="before")
-    @classmethod
-    def _plain_string_is_systemd(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [
-                {"type": "systemd", "name": item} if isinstance(item, str) else item
-                for item in value
-            ]
-        return value
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as plain data (JSON-ready), in the TOML file's shape."""
+        return dataclasses.asdict(self)
 
-    @field_validator("depends")
     @classmethod
-    def _depends_are_ids(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if not re.fullmatch(APP_ID_PATTERN, item):
-                raise ValueError(f"{item!r} is not an app id")
-        return value
+    def from_validated(cls, data: dict[str, Any]) -> Manifest:
+        """Rebuild a manifest from :meth:`to_dict` of one that passed validation.
+
+        Nothing is checked: use it only on data homesafe validated and stored itself.
+        """
+        return cls(
+            **{
+                **data,
+                "config": PathSection(**data["config"]),
+                "data": PathSection(**data["data"]),
+                "secrets": PathSection(**data["secrets"]),
+                "services": [SERVICE_TYPES[item["type"]](**item) for item in data["services"]],
+                "hooks": Hooks(**data["hooks"]),
+                "lockdown": Lockdown(**data["lockdown"]),
+                "setup": Setup(**data["setup"]),
+            }
+        )
 
     @property
     def display_name(self) -> str:
@@ -212,12 +334,12 @@ def problems_from_validation(source: str, error: ValidationError) -> list[Manife
     problems = []
     for detail in error.errors():
         location = list(detail["loc"])
-        # The discriminated union puts the type tag after services.N: drop it there.
+        # The tagged union puts the type tag after services.N: drop it there.
         if len(location) > 2 and location[0] == "services" and isinstance(location[1], int):
             del location[2]
         field = ".".join(str(part) for part in location)
         message = detail["msg"]
-        if detail["type"] == "extra_forbidden":
+        if detail["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown key"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
@@ -270,14 +392,23 @@ def consistency_problems(data: Any, source: str) -> list[ManifestProblem]:
     return problems
 
 
+@cache
+def _validator() -> TypeAdapter[Manifest]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Manifest)
+
+
 def parse_manifest(data: Any, source: str) -> Manifest:
     """Validate a manifest given as a mapping (or a Manifest built in Python); raise
     ManifestError with every problem found."""
+    from pydantic import ValidationError
+
     if isinstance(data, Manifest):
-        data = data.model_dump(mode="python")
+        data = data.to_dict()
     problems = consistency_problems(data, source)
     try:
-        manifest = Manifest.model_validate(data)
+        manifest = _validator().validate_python(data)
     except ValidationError as error:
         problems = problems_from_validation(source, error) + problems
     if problems:

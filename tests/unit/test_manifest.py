@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -566,7 +567,7 @@ def test_parse_manifest_checks_a_manifest_built_in_python() -> None:
 
 def test_manifest_is_frozen() -> None:
     manifest = parse_manifest({"id": "notes"}, "inline")
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         manifest.id = "other"  # type: ignore[misc]
 
 

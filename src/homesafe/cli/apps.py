@@ -90,7 +90,7 @@ def show_command(app_id: str, as_json: bool) -> None:
             for name in ("backup_pre", "backup_post", "restore_pre", "restore_post")
             if app.python_hook(name)
         ],
-        "manifest": app.manifest.model_dump(mode="json"),
+        "manifest": app.manifest.to_dict(),
     }
     if as_json:
         print_json(document)

@@ -63,7 +63,8 @@ def progress_bar(description: str, enabled: bool) -> Iterator[ProgressCallback |
     def update(report: Progress) -> None:
         if report.total:
             bar.update(task, total=report.total)
-        bar.update(task, completed=report.current, path=report.message[-50:])
+        if report.current is not None:
+            bar.update(task, completed=report.current, path=report.message[-50:])
 
     with bar:
         yield update

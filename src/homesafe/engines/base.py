@@ -19,10 +19,11 @@ from homesafe.repositories import Repository
 
 @dataclass
 class Progress:
-    """One progress report: bytes or items done, out of a total when one is known."""
+    """One progress report: bytes or items done (None: not known yet), out of a total
+    when one is known."""
 
     operation: str
-    current: float = 0
+    current: float | None = 0
     total: float | None = None
     message: str = ""
     finished: bool = False
