@@ -239,6 +239,8 @@ class _Quiesced:
     def enter(self) -> None:
         """Lock every app down, then stop services: last app's last service first."""
         for app in self.apps:
+            if not self.results[app.id].active:
+                continue  # failed already (not installed): nothing of it will be touched
             try:
                 lockdown.enter(app.manifest, self.operation)
             except CommandError as error:
@@ -497,7 +499,13 @@ def _create(
     on_progress: ProgressCallback | None,
 ) -> ArchiveStats | None:
     if handler is not None:
-        handler(packet, encryption_passphrase=encryption_passphrase)
+        try:
+            handler(packet, encryption_passphrase=encryption_passphrase)
+        except Exception as error:
+            # A custom handler is the engine here: its failure fails the apps it held.
+            raise EngineError(
+                f"the backup handler failed: {type(error).__name__}: {error}"
+            ) from error
         return None
     engine = engine_for(repository.engine)
     return engine.create(

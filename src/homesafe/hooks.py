@@ -100,7 +100,9 @@ def run_hook(
                 )
             )
             return outcomes
-        output = completed.stdout + (("\n" + completed.stderr) if completed.stderr else "")
+        output = "\n".join(
+            part.strip("\n") for part in (completed.stdout, completed.stderr) if part
+        )
         outcomes.append(
             HookOutcome(
                 app.id,
