@@ -1,8 +1,10 @@
 """The SQLite state database (``$HOMESAFE_HOME/state.db``).
 
-It holds the settings store that apps read and write through the API. The schema is
-versioned with ``PRAGMA user_version`` so later releases can migrate it in place.
-Passphrases are never stored here.
+It holds the settings store that apps read and write through the API. The schema is a
+list of ``CREATE ... IF NOT EXISTS`` statements run on every connection (they cost
+microseconds), so a table added by a later release appears in an existing database by
+itself; a change to an existing table needs a migration keyed on ``PRAGMA
+user_version``. Passphrases are never stored here.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 
 from homesafe import locations
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS settings (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL          -- JSON
-);
-"""
+# One entry per table (or index), each owned by the module named in its comment.
+SCHEMA = [
+    # api: the settings store apps read and write
+    """CREATE TABLE IF NOT EXISTS settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL          -- JSON
+    )""",
+]
 
 
 @contextmanager
@@ -29,9 +32,8 @@ def connect() -> Iterator[sqlite3.Connection]:
     """A connection to the state database, committed on success, rolled back on error."""
     locations.ensure_home()
     with closing(sqlite3.connect(locations.state_database(), timeout=30)) as connection:
-        if connection.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            connection.executescript(SCHEMA)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        for statement in SCHEMA:
+            connection.execute(statement)
         with connection:
             yield connection
 
