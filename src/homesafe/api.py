@@ -15,18 +15,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from homesafe import archives, locations, state
+from homesafe import archives, locations, restore, state
 from homesafe.apps import App, dependency_order, load_apps, select
 from homesafe.consistency import lockdown
-from homesafe.consistency.services import ServiceController
+from homesafe.consistency.services import ServiceController, ServiceHandler
 from homesafe.engines import engine_for
 from homesafe.engines.base import ArchiveEntry, ArchiveStats, Progress, ProgressCallback
 from homesafe.errors import (
@@ -40,9 +41,10 @@ from homesafe.errors import (
     ManifestError,
     RepositoryNotFoundError,
 )
-from homesafe.hooks import HookOutcome, run_hook
-from homesafe.manifest import Manifest, is_inside, parse_manifest
+from homesafe.hooks import HookOutcome, run_command, run_hook
+from homesafe.manifest import is_inside
 from homesafe.repositories import Repository, default_repository, generate_passphrase
+from homesafe.sources import ArchiveSource, EngineSource, TarSource, scratch_directory
 
 __all__ = [
     "AppResult",
@@ -50,15 +52,18 @@ __all__ = [
     "BackupError",
     "OperationResult",
     "Packet",
-    "archive_details",
     "backup_apps",
     "delete_archives",
     "export_archive",
     "export_key",
     "get_setting",
+    "import_apps",
     "list_archives",
+    "preview_restore",
+    "read_archive",
     "restore_apps",
     "set_setting",
+    "verify_archive",
 ]
 
 Handler = Callable[..., Any]
@@ -132,6 +137,7 @@ class AppResult:
     errors: list[BackupError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     hooks: list[HookOutcome] = field(default_factory=list)
+    healthy_after: float | None = None  # restore drills: seconds to a healthy app
 
     def fail(self, error_type: str, message: str, hook: str | None = None) -> None:
         self.status = "failed"
@@ -152,6 +158,9 @@ class AppResult:
             "errors": [error.to_dict() for error in self.errors],
             "warnings": self.warnings,
             "hooks": [outcome.to_dict() for outcome in self.hooks],
+            "healthy_after_seconds": (
+                None if self.healthy_after is None else round(self.healthy_after, 3)
+            ),
         }
 
 
@@ -235,6 +244,8 @@ class _Quiesced:
     operation: str
     locked: list[App] = field(default_factory=list)
     controllers: dict[str, ServiceController] = field(default_factory=dict)
+    # The services each app had stopped, kept after they are started again.
+    stopped: dict[str, list[ServiceHandler]] = field(default_factory=dict)
 
     def enter(self) -> None:
         """Lock every app down, then stop services: last app's last service first."""
@@ -266,6 +277,7 @@ class _Quiesced:
             controller = self.controllers.get(app.id)
             if controller is None:
                 continue
+            self.stopped[app.id] = list(controller.stopped)
             for failure in controller.start_all():
                 self.results[app.id].fail("service_start", failure.message)
             self.results[app.id].downtime = controller.downtime
@@ -388,6 +400,7 @@ def backup_apps(
     encryption_passphrase: str | None = None,
     apps: dict[str, App] | None = None,
     on_progress: ProgressCallback | None = None,
+    periods: Sequence[str] = (),
 ) -> OperationResult:
     """Back up the named apps (every app when none is named) into one archive.
 
@@ -397,7 +410,8 @@ def backup_apps(
     ``backup_post`` hooks; finally services are restarted in order and lockdown is
     lifted, whatever failed. Configuration problems (bad manifests, unknown apps, no
     repository) raise before anything is touched; failures after that are recorded in
-    the returned result, whose ``status`` is ok, partial or failed.
+    the returned result, whose ``status`` is ok, partial or failed, and in the history.
+    ``periods``: the schedule periods a scheduled backup serves (kept in the comment).
     """
     started_clock = time.monotonic()
     known = apps if apps is not None else load_apps()
@@ -435,7 +449,8 @@ def backup_apps(
                 _write_backup_metadata(Path(staging), name, comment, included, results, settings)
                 stats = _create(
                     repository, handler, encryption_passphrase, packet, name, paths,
-                    Path(staging), archives.comment_summary([a.id for a in included], comment),
+                    Path(staging),
+                    archives.comment_summary([a.id for a in included], comment, periods),
                     on_progress,
                 )  # fmt: skip
                 if stats is not None:
@@ -454,6 +469,9 @@ def backup_apps(
         if results[app.id].status == "failed" and not results[app.id].errors:
             results[app.id].fail("unknown", "failed")  # never a silent failure
     result.duration = time.monotonic() - started_clock
+    from homesafe import history
+
+    history.record_operation(result)
     return result
 
 
@@ -591,40 +609,233 @@ def list_archives(repository: Repository | None = None) -> list[ArchiveInfo]:
     return listed
 
 
-def read_archive_metadata(
-    archive_name: str, repository: Repository | None = None
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The archive's metadata document and the settings of each of its apps."""
-    repository = _existing_repository(repository)
-    with _staging_directory() as staging:
-        engine_for(repository.engine).extract(
-            repository, archive_name, [archives.METADATA_DIRECTORY], Path(staging)
-        )
-        metadata = archives.read_metadata(Path(staging))
-        if metadata is None:
-            raise EngineError(
-                f"archive {archive_name!r} was not written by homesafe: it has no "
-                f"{archives.METADATA_FILE}"
-            )
-        settings = {}
-        for entry in metadata.get("apps", []):
-            values = archives.read_settings(Path(staging), entry["id"])
-            if values is not None:
-                settings[entry["id"]] = values
-    return metadata, settings
+def _describe_and_list(
+    source: ArchiveSource,
+) -> tuple[archives.ArchiveDescription, list[ArchiveEntry]]:
+    """The archive's description and listing; for a repository both are engine calls,
+    run side by side (each opens the repository, which takes most of their time)."""
+    listing: list[ArchiveEntry] = []
+    failure: list[BaseException] = []
+
+    def list_contents() -> None:
+        try:
+            listing.extend(source.listing())
+        except BaseException as error:  # re-raised in the calling thread
+            failure.append(error)
+
+    thread = threading.Thread(target=list_contents, name="archive-listing", daemon=True)
+    thread.start()
+    try:
+        description = source.describe()
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
+    return description, listing
 
 
-def archive_details(
+def read_archive(
     archive_name: str, repository: Repository | None = None
-) -> tuple[dict[str, Any], list[ArchiveEntry]]:
-    """The archive's metadata and its contents (homesafe's own files left out)."""
-    repository = _existing_repository(repository)
-    metadata, _ = read_archive_metadata(archive_name, repository)
-    entries = engine_for(repository.engine).list_contents(repository, archive_name)
+) -> tuple[archives.ArchiveDescription, list[ArchiveEntry]]:
+    """What an archive says about itself (homesafe's or the reference distribution's
+    metadata) and its contents, homesafe's own files left out."""
+    source = EngineSource(_existing_repository(repository), archive_name)
+    description, listing = _describe_and_list(source)
     contents = [
-        entry for entry in entries if not is_inside(entry.path, archives.METADATA_DIRECTORY)
+        entry for entry in listing if not is_inside(entry.path, archives.METADATA_DIRECTORY)
     ]
-    return metadata, contents
+    return description, contents
+
+
+@dataclass
+class _RestoreRun:
+    """One restore's state, so every failure path can put back what it changed."""
+
+    source: ArchiveSource
+    target: Path
+    force: bool
+    result: OperationResult
+    results: dict[str, AppResult]
+    stored: dict[str, archives.StoredApp]
+    selected: list[App]
+    plans: dict[str, restore.AppPlan] = field(default_factory=dict)
+    swaps: dict[str, restore.Swap] = field(default_factory=dict)
+    previous_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return str(self.target) == "/"
+
+    def active(self) -> list[App]:
+        return [app for app in self.selected if self.results[app.id].active]
+
+
+def _prepare_restore(
+    source: ArchiveSource,
+    label: str,
+    repository_name: str,
+    app_ids: Sequence[str] | None,
+    target_root: str | os.PathLike[str],
+    apps: dict[str, App] | None,
+    force: bool,
+    *,
+    check_space: bool = True,
+) -> _RestoreRun:
+    """Everything decided before anything is changed: apps, refusals, plan, space."""
+    target = Path(target_root).resolve()
+    if not target.is_dir():
+        raise HomesafeError(f"target root {target} is not a directory")
+    description, listing = _describe_and_list(source)
+    live = str(target) == "/"
+    local = apps if apps is not None else _local_apps_or_none(live)
+    stored_apps = _stored_apps(description, local)
+    selected = _select_from_archive(stored_apps, app_ids)
+    if isinstance(source, TarSource):
+        source.check(_tar_member_filter(description))
+    result = OperationResult(
+        "restore", repository_name, label, started=_now(), target_root=str(target)
+    )
+    results = {
+        app.id: AppResult(app.id, strategy="stop" if live and app.manifest.services else "live")
+        for app in selected
+    }
+    result.apps = [results[app.id] for app in selected]
+    run = _RestoreRun(source, target, force, result, results, description.apps, selected)
+    for app in selected:
+        _check_version(app, (local or {}).get(app.id), force, results[app.id])
+    run.plans = {
+        plan.app_id: plan
+        for plan in restore.plan(
+            [(app.id, app.manifest.owned_paths()) for app in run.active()], listing, target
+        )
+    }
+    if check_space:
+        restore.require_space(run.plans[app.id] for app in run.active())
+    return run
+
+
+def _tar_member_filter(description: archives.ArchiveDescription) -> Callable[[str], bool]:
+    """Members a tar may hold: metadata, paths of the apps the archive declares, and the
+    directories above them (tar files list them; they are never extracted)."""
+    roots = [*archives.DESCRIPTION_MEMBERS, archives.REFERENCE_DATA]
+    roots += [
+        path.lstrip("/")
+        for stored in description.apps.values()
+        for path in stored.manifest.owned_paths()
+    ]
+    return lambda path: any(is_inside(path, root) or is_inside(root, path) for root in roots)
+
+
+def _check_version(app: App, local: App | None, force: bool, result: AppResult) -> None:
+    """Refuse data newer than the installed app can read, unless forced."""
+    if local is None or force or app.manifest.version <= local.manifest.version:
+        return
+    result.fail(
+        "version",
+        f"the archive holds {app.id} data version {app.manifest.version}, newer than the "
+        f"installed app's version {local.manifest.version}; upgrade the app first, or "
+        "restore with --force",
+    )
+
+
+def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> OperationResult:
+    """Install, stage, verify, then swap each app under quiesce; roll back what fails."""
+    started_clock = time.monotonic()
+    if run.live:
+        for app in run.active():
+            _install_if_missing(app, run.results[app.id])
+    try:
+        plans = [run.plans[app.id] for app in run.active()]
+        try:
+            warnings = restore.stage(plans, run.source, on_progress)
+        except EngineError as error:
+            for app in run.active():
+                run.results[app.id].fail("engine", error.message)
+            run.result.errors.append(BackupError("engine", "*", None, str(error)))
+            return run.result
+        for app in run.active():
+            run.results[app.id].warnings += warnings
+            try:
+                restore.verify(run.plans[app.id])
+            except restore.VerificationError as error:
+                run.results[app.id].fail("verify", error.message)
+        quiesced = _Quiesced(run.active() if run.live else [], run.results, "restore")
+        packet = Packet("restore", "apps", str(run.target), run.active(), run.result.archive)
+        try:
+            quiesced.enter()
+            if run.live:
+                _run_hooks("restore_pre", run.active(), run.results, packet)
+            for app in run.active():
+                _swap_in(run, app)
+            if run.live:
+                _run_hooks("restore_post", run.active(), run.results, packet)
+            for app in run.selected:
+                if not run.results[app.id].active and app.id in run.swaps:
+                    _roll_back(run, app)
+        finally:
+            quiesced.leave()
+        for app in run.selected:
+            # A service that would not start with the restored data: put the old data
+            # back and start the app as it was.
+            if not run.results[app.id].active and app.id in run.swaps:
+                _roll_back(run, app, quiesced.stopped.get(app.id, []))
+        for app in run.active():
+            run.swaps.pop(app.id).commit()
+            run.results[app.id].paths = app.manifest.owned_paths()
+            run.results[app.id].size = run.plans[app.id].size
+    finally:
+        restore.remove_staging(run.plans.values(), keep_if_unrolled=run.swaps.values())
+        run.result.duration = time.monotonic() - started_clock
+    return run.result
+
+
+def _swap_in(run: _RestoreRun, app: App) -> None:
+    """Put one app's staged paths in place, then its settings."""
+    result = run.results[app.id]
+    swap = restore.Swap(run.plans[app.id])
+    try:
+        swap.apply()
+    except restore.RestoreError as error:
+        result.fail("swap", error.message)
+        return
+    run.swaps[app.id] = swap
+    if not run.live:
+        return
+    values = _restored_settings(run, app)
+    if values:
+        run.previous_settings[app.id] = state.read_settings(values)
+        state.write_settings(values)
+
+
+def _restored_settings(run: _RestoreRun, app: App) -> dict[str, Any]:
+    return run.stored[app.id].settings or {}
+
+
+def _roll_back(run: _RestoreRun, app: App, started_services: Sequence[Any] = ()) -> None:
+    """Put the app back as it was before the restore; its services stopped meanwhile."""
+    result = run.results[app.id]
+    for handler in reversed(started_services):
+        try:
+            if handler.is_running():
+                handler.stop()
+        except HomesafeError as error:
+            result.fail("rollback", f"could not stop {handler.label} to roll back: {error}")
+    try:
+        run.swaps[app.id].roll_back()
+        run.swaps.pop(app.id)
+        result.warnings.append("rolled back: the app is as it was before the restore")
+    except restore.RestoreError as error:
+        result.fail("rollback", str(error))
+    previous = run.previous_settings.pop(app.id, None)
+    if previous is not None:
+        for key in set(_restored_settings(run, app)) - set(previous):
+            state.delete_setting(key)
+        state.write_settings(previous)
+    for handler in started_services:
+        try:
+            handler.start()
+        except HomesafeError as error:
+            result.fail("rollback", f"could not start {handler.label} again: {error}")
 
 
 def restore_apps(
@@ -634,78 +845,219 @@ def restore_apps(
     repository: Repository | None = None,
     target_root: str | os.PathLike[str] = "/",
     apps: dict[str, App] | None = None,
+    force: bool = False,
     on_progress: ProgressCallback | None = None,
 ) -> OperationResult:
     """Restore the named apps (every app in the archive when none is named).
 
-    The archive's own manifests say what to restore. Into the live system
-    (``target_root`` = ``/``): apps that are not installed are installed first with
-    their ``setup.install`` command, then apps are locked down, their services
-    stopped in reverse order, ``restore_pre`` hooks run, the paths extracted, settings
-    written back, ``restore_post`` hooks run, services restarted and lockdown lifted.
-    Into another root, only the files are extracted: services, hooks and settings
-    belong to the live system and are left alone.
+    The archive's own manifests (homesafe's, or the reference distribution's) say what
+    to restore. Each app's paths are extracted into staging areas on the targets'
+    filesystems and verified while the apps still run; then, into the live system
+    (``target_root`` = ``/``): missing apps are installed, apps are locked down, their
+    services stopped in reverse order, ``restore_pre`` hooks run, the staged paths are
+    swapped in by rename, settings written back, ``restore_post`` hooks run and services
+    restarted. An app any of whose steps fails is rolled back to exactly what it was.
+    Into another root only the files are placed: services, hooks and settings belong to
+    the live system. Data newer than the installed app is refused unless ``force``.
+    Refusals that concern the whole restore (no space, unknown apps) raise before
+    anything is changed.
     """
-    started_clock = time.monotonic()
     repository = _existing_repository(repository)
-    target = Path(target_root).resolve()
-    live = str(target) == "/"
-    metadata, settings = read_archive_metadata(archive_name, repository)
-    stored = _stored_apps(metadata, apps if apps is not None else _local_apps_or_none(live))
-    selected = _select_from_archive(stored, app_ids)
-    result = OperationResult(
-        "restore", repository.name, archive_name, started=_now(), target_root=str(target)
-    )
-    results = {app.id: AppResult(app.id, strategy="stop" if live else "live") for app in selected}
-    result.apps = [results[app.id] for app in selected]
-    recorded_paths = {entry["id"]: entry.get("paths") for entry in metadata.get("apps", [])}
-    packet = Packet("restore", "apps", str(target), list(selected), archive_name)
-    if not target.is_dir():
-        raise HomesafeError(f"target root {target} is not a directory")
+    source = EngineSource(repository, archive_name)
+    run = _prepare_restore(source, archive_name, repository.name, app_ids, target_root, apps, force)
+    return _run_restore(run, on_progress)
 
-    if live:
-        for app in selected:
-            _install_if_missing(app, results[app.id])
-    for app in selected:
-        if not app.manifest.services or not live:
-            results[app.id].strategy = "live"
-    quiesced = _Quiesced(selected if live else [], results, "restore")
-    try:
-        quiesced.enter()
-        if live:
-            _run_hooks("restore_pre", selected, results, packet)
-        included = [app for app in selected if results[app.id].active]
-        paths = []
-        for app in included:
-            app_paths = recorded_paths.get(app.id) or app.manifest.owned_paths()
-            results[app.id].paths = list(app_paths)
-            paths += [path.lstrip("/") for path in app_paths]
-        packet.apps = included
-        if paths:
-            warnings = engine_for(repository.engine).extract(
-                repository, archive_name, paths, target, on_progress=on_progress
-            )
-            for warning in warnings:
-                for app in included:
-                    results[app.id].warnings.append(warning)
-        if live:
-            for app in included:
-                values = settings.get(app.id)
-                if values:
-                    state.write_settings(values)
-            _run_hooks("restore_post", included, results, packet)
-    except EngineError as error:
-        for app in selected:
-            if results[app.id].active:
-                results[app.id].fail("engine", error.message)
-        result.errors.append(BackupError("engine", "*", None, str(error)))
-    finally:
-        quiesced.leave()
-    for app in selected:
-        results[app.id].size = sum(
-            _tree_size(str(target / path.lstrip("/"))) for path in results[app.id].paths
+
+def import_apps(
+    file: str | os.PathLike[str],
+    app_ids: Sequence[str] | None = None,
+    *,
+    target_root: str | os.PathLike[str] = "/",
+    apps: dict[str, App] | None = None,
+    force: bool = False,
+    on_progress: ProgressCallback | None = None,
+) -> OperationResult:
+    """Restore apps from an exported tar (.tar, .tar.gz, .tar.zst ...) as
+    :func:`restore_apps` does from an archive. Every member is checked first: a path
+    with ``..``, an absolute path, a link leaving the tree, a device file or a path of
+    no app in the archive refuses the whole file before anything is written."""
+    with scratch_directory("import-") as scratch:
+        source = TarSource(Path(file), scratch)
+        run = _prepare_restore(source, str(file), "import", app_ids, target_root, apps, force)
+        return _run_restore(run, on_progress)
+
+
+@dataclass
+class AppPreview:
+    """What restoring one app would change."""
+
+    app: str
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    size: int = 0
+    services: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "added": self.added,
+            "replaced": self.replaced,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "size": self.size,
+            "services": self.services,
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class RestorePreview:
+    """A dry run: per-app changes and free space, with nothing changed."""
+
+    archive: str
+    target_root: str
+    apps: list[AppPreview]
+    space: list[restore.SpaceCheck]
+
+    @property
+    def possible(self) -> bool:
+        return all(check.sufficient for check in self.space) and not any(
+            app.errors for app in self.apps
         )
-    result.duration = time.monotonic() - started_clock
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": True,
+            "archive": self.archive,
+            "target_root": self.target_root,
+            "possible": self.possible,
+            "apps": [app.to_dict() for app in self.apps],
+            "space": [
+                {
+                    "filesystem_of": check.anchor,
+                    "required": check.required,
+                    "available": check.available,
+                    "sufficient": check.sufficient,
+                }
+                for check in self.space
+            ],
+        }
+
+
+def preview_restore(
+    archive_name: str,
+    app_ids: Sequence[str] | None = None,
+    *,
+    repository: Repository | None = None,
+    file: str | os.PathLike[str] | None = None,
+    target_root: str | os.PathLike[str] = "/",
+    apps: dict[str, App] | None = None,
+    force: bool = False,
+) -> RestorePreview:
+    """What :func:`restore_apps` (or :func:`import_apps` with ``file``) would change:
+    files added, replaced and removed per app, services stopped, space needed against
+    space free on each filesystem. Nothing is changed."""
+    with scratch_directory("preview-") as scratch:
+        if file is not None:
+            source: ArchiveSource = TarSource(Path(file), scratch)
+            label, repository_name = str(file), "import"
+        else:
+            resolved = _existing_repository(repository)
+            source = EngineSource(resolved, archive_name)
+            label, repository_name = archive_name, resolved.name
+        # The preview reports missing space instead of refusing.
+        run = _prepare_restore(
+            source, label, repository_name, app_ids, target_root, apps, force, check_space=False
+        )
+    previews = []
+    for app in run.selected:
+        preview = AppPreview(app.id, errors=[e.message for e in run.results[app.id].errors])
+        plan = run.plans.get(app.id)
+        if plan is not None:
+            _compare_with_live(plan, run.target, preview)
+        if run.live:
+            preview.services = [service.name for service in reversed(app.manifest.services)]
+        previews.append(preview)
+    return RestorePreview(label, str(run.target), previews, restore.check_space(run.plans.values()))
+
+
+def _compare_with_live(plan: restore.AppPlan, target: Path, preview: AppPreview) -> None:
+    archived = {entry.path: entry for entry in plan.entries}
+    preview.size = plan.size
+    live: dict[str, os.stat_result] = {}
+    for path_plan in plan.paths:
+        for found in _walk(path_plan.target):
+            live[str(found.relative_to(target))] = found.lstat()
+    for archive_path, entry in archived.items():
+        status = live.get(archive_path)
+        if status is None:
+            preview.added.append("/" + archive_path)
+        elif entry.type == "-" and (
+            not stat.S_ISREG(status.st_mode) or status.st_size != entry.size
+        ):
+            preview.replaced.append("/" + archive_path)
+        else:
+            preview.unchanged += 1
+    preview.removed = sorted("/" + live_path for live_path in live if live_path not in archived)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    if not os.path.lexists(root):
+        return
+    yield root
+    if root.is_dir() and not root.is_symlink():
+        for directory, subdirectories, files in os.walk(root):
+            for name in [*subdirectories, *files]:
+                yield Path(directory, name)
+
+
+def verify_archive(
+    archive_name: str,
+    app_ids: Sequence[str] | None = None,
+    *,
+    repository: Repository | None = None,
+    apps: dict[str, App] | None = None,
+) -> OperationResult:
+    """A restore drill: restore into a sandbox, run each app's ``setup.health`` command
+    against it (``HOMESAFE_ROOT`` names the sandbox), record how long it took to a
+    healthy app, and remove the sandbox. Apps without a health command are restored and
+    checked against the archive only (a warning says so)."""
+    repository = _existing_repository(repository)
+    started = time.monotonic()
+    with scratch_directory("verify-") as sandbox:
+        source = EngineSource(repository, archive_name)
+        run = _prepare_restore(
+            source, archive_name, repository.name, app_ids, sandbox, apps, force=True
+        )
+        result = _run_restore(run, None)
+        result.operation = "verify"
+        environment = {
+            "HOMESAFE_OPERATION": "verify",
+            "HOMESAFE_ROOT": str(sandbox),
+            "HOMESAFE_SANDBOX": str(sandbox),
+            "HOMESAFE_ARCHIVE": archive_name,
+        }
+        for app in run.active():
+            app_result = run.results[app.id]
+            health = app.manifest.setup.health
+            if health is None:
+                app_result.warnings.append("no setup.health command: files verified only")
+                continue
+            outcome = run_command(
+                app.id,
+                "health",
+                health,
+                {**environment, "HOMESAFE_APP": app.id},
+                app.manifest.hooks.timeout,
+            )
+            app_result.hooks.append(outcome)
+            if outcome.succeeded:
+                app_result.healthy_after = time.monotonic() - started
+            else:
+                app_result.fail("health", f"health check failed: {outcome.error}")
     return result
 
 
@@ -719,16 +1071,18 @@ def _local_apps_or_none(live: bool) -> dict[str, App] | None:
         return None
 
 
-def _stored_apps(metadata: dict[str, Any], local: dict[str, App] | None) -> dict[str, App]:
-    """The archive's apps, described by the manifests stored with them."""
+def _stored_apps(
+    description: archives.ArchiveDescription, local: dict[str, App] | None
+) -> dict[str, App]:
+    """The archive's apps, described by the manifests stored with them (with the
+    Python hooks of the installed app of the same id, if any)."""
     stored = {}
-    for entry in metadata.get("apps", []):
-        manifest: Manifest = parse_manifest(entry["manifest"], f"archive app {entry['id']}")
-        local_app = (local or {}).get(manifest.id)
+    for app_id, stored_app in description.apps.items():
+        local_app = (local or {}).get(app_id)
         if local_app is not None:
-            stored[manifest.id] = local_app.with_manifest(manifest)
+            stored[app_id] = local_app.with_manifest(stored_app.manifest)
         else:
-            stored[manifest.id] = App(manifest, "archive")
+            stored[app_id] = App(stored_app.manifest, "archive")
     return stored
 
 

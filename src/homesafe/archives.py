@@ -13,12 +13,14 @@ import datetime
 import json
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from homesafe import __version__
-from homesafe.errors import UsageError
+from homesafe.errors import ManifestError, ManifestProblem, UsageError
+from homesafe.manifest import Manifest, parse_manifest
 
 METADATA_DIRECTORY = ".homesafe"
 METADATA_FILE = f"{METADATA_DIRECTORY}/archive.json"
@@ -39,6 +41,15 @@ def default_name(now: datetime.datetime | None = None, host: str | None = None) 
     return f"{host}-{now.astimezone(datetime.UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
 
 
+def scheduled_name(now: datetime.datetime | None = None, host: str | None = None) -> str:
+    """``scheduled-<host>-<UTC time>Z``: a scheduled archive, told apart at a glance.
+
+    Retention does not rely on the name (the comment's ``periods`` say what an archive
+    serves): the prefix is for the people reading a listing.
+    """
+    return f"scheduled-{default_name(now, host)}"
+
+
 def check_name(name: str) -> str:
     """``name`` if it can be an archive name, else a UsageError saying why."""
     if len(name) > 200 or not NAME_PATTERN.fullmatch(name) or "::" in name:
@@ -49,11 +60,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def comment_summary(app_ids: list[str], user_comment: str | None) -> str:
-    """The archive comment: compact JSON with the app ids and the user's comment."""
+def comment_summary(
+    app_ids: list[str], user_comment: str | None, periods: Sequence[str] = ()
+) -> str:
+    """The archive comment: compact JSON with the app ids and the user's comment.
+
+    A scheduled archive also lists the schedule ``periods`` it serves (daily, weekly,
+    monthly): retention prunes only archives that have them.
+    """
     summary: dict[str, Any] = {"homesafe": METADATA_FORMAT, "apps": app_ids}
     if user_comment:
         summary["comment"] = user_comment
+    if periods:
+        summary["periods"] = list(periods)
     return json.dumps(summary, separators=(",", ":"))
 
 
@@ -64,6 +83,8 @@ class CommentSummary:
     is_homesafe: bool
     apps: list[str] = field(default_factory=list)
     comment: str = ""
+    # The schedule periods a scheduled homesafe archive serves; empty for manual ones.
+    periods: list[str] = field(default_factory=list)
 
 
 def parse_comment(comment: str) -> CommentSummary:
@@ -74,10 +95,12 @@ def parse_comment(comment: str) -> CommentSummary:
         value = None
     if isinstance(value, dict) and "homesafe" in value:
         apps = value.get("apps", [])
+        periods = value.get("periods", [])
         return CommentSummary(
             True,
             [str(app) for app in apps] if isinstance(apps, list) else [],
             str(value.get("comment", "")),
+            [str(period) for period in periods] if isinstance(periods, list) else [],
         )
     return CommentSummary(False, [], comment)
 
@@ -127,3 +150,123 @@ def read_settings(directory: Path, app_id: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     return value if isinstance(value, dict) else None
+
+
+# -- reading what an archive says about itself ----------------------------------------
+
+# Archives written by the reference distribution keep their app list here (one JSON
+# file whose name we must not compute) and each app's settings in the data folder.
+REFERENCE_MANIFESTS = "var/lib/plinth/backups-manifests"
+REFERENCE_DATA = "var/lib/plinth/backups-data"
+# What to extract from an archive to learn what it holds, whoever wrote it.
+DESCRIPTION_MEMBERS = (METADATA_DIRECTORY, REFERENCE_MANIFESTS)
+
+
+@dataclass
+class StoredApp:
+    """One app as an archive describes it.
+
+    ``paths`` are the paths actually captured (None: every path of the manifest);
+    ``settings`` the settings saved with it. Reference archives keep an app's settings
+    in a file of their own, ``settings_file`` (an archive path), read by
+    :func:`load_reference_settings`.
+    """
+
+    manifest: Manifest
+    paths: list[str] | None = None
+    settings: dict[str, Any] | None = None
+    settings_file: str | None = None
+    strategy: str | None = None
+    downtime_seconds: float | None = None
+
+
+@dataclass
+class ArchiveDescription:
+    """What an archive holds: its format, its apps, and its raw metadata."""
+
+    format: str  # "homesafe" or "reference"
+    apps: dict[str, StoredApp]
+    metadata: dict[str, Any]
+
+
+def describe_extracted(directory: Path, source: str) -> ArchiveDescription | None:
+    """Read the description extracted below ``directory`` (DESCRIPTION_MEMBERS), or None
+    when the archive is neither homesafe's nor the reference distribution's."""
+    metadata = read_metadata(directory)
+    if metadata is not None:
+        apps = {}
+        for entry in metadata.get("apps", []):
+            manifest = parse_manifest(entry["manifest"], f"{source}: app {entry.get('id')}")
+            apps[manifest.id] = StoredApp(
+                manifest,
+                paths=entry.get("paths"),
+                settings=read_settings(directory, manifest.id) or {},
+                strategy=entry.get("strategy"),
+                downtime_seconds=entry.get("downtime_seconds"),
+            )
+        return ArchiveDescription("homesafe", apps, metadata)
+    manifests_directory = directory / REFERENCE_MANIFESTS
+    files = sorted(manifests_directory.glob("*.json")) if manifests_directory.is_dir() else []
+    if not files:
+        return None
+    try:
+        document = json.loads(files[0].read_text())
+    except ValueError as error:
+        raise ManifestError(
+            [ManifestProblem(f"{source}: {files[0].name}", "", f"not valid JSON: {error}")]
+        ) from None
+    entries = document.get("apps", []) if isinstance(document, dict) else document
+    apps = {}
+    for entry in entries if isinstance(entries, list) else []:
+        app = reference_app(entry, source)
+        apps[app.manifest.id] = app
+    return ArchiveDescription("reference", apps, {"format": "reference", "apps": entries})
+
+
+def reference_app(entry: Any, source: str) -> StoredApp:
+    """Turn one app entry of a reference archive into a homesafe manifest.
+
+    Its services are systemd units (plain strings or ``{"type": "system"}``) or apache
+    sites, configs and modules; its settings are read from its settings file.
+    """
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ManifestError([ManifestProblem(source, "apps", f"not an app entry: {entry!r}")])
+    app_id = entry["name"]
+    backup = entry.get("backup") or {}
+    data: dict[str, Any] = {"id": app_id, "version": entry.get("version", 0)}
+    for section in ("config", "data", "secrets"):
+        value = backup.get(section) or {}
+        data[section] = {kind: list(value.get(kind) or []) for kind in ("directories", "files")}
+    services = []
+    for service in backup.get("services") or []:
+        if isinstance(service, str):
+            services.append({"type": "systemd", "name": service})
+        elif service.get("type") == "apache":
+            services.append({"type": "apache", "kind": service["kind"], "name": service["name"]})
+        else:
+            services.append({"type": "systemd", "name": service["name"]})
+    data["services"] = services
+    settings_keys = list(backup.get("settings") or [])
+    data["settings"] = settings_keys
+    settings_file = f"{REFERENCE_DATA}/{app_id}-settings.json" if settings_keys else None
+    manifest = parse_manifest(data, f"{source}: app {app_id}")
+    return StoredApp(manifest, settings={}, settings_file=settings_file)
+
+
+def reference_settings_members(description: ArchiveDescription) -> list[str]:
+    """The archive paths of a reference archive's settings files."""
+    return [app.settings_file for app in description.apps.values() if app.settings_file]
+
+
+def load_reference_settings(description: ArchiveDescription, directory: Path) -> None:
+    """Read each app's settings from its settings file extracted below ``directory``;
+    only the keys its manifest names are kept."""
+    for app in description.apps.values():
+        if not app.settings_file:
+            continue
+        try:
+            values = json.loads((directory / app.settings_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(values, dict):
+            app.settings = {key: values[key] for key in app.manifest.settings if key in values}

@@ -81,35 +81,29 @@ def run_hook(
         )
     command = app.manifest.hook_command(hook_name)
     if command is not None:
-        started = time.monotonic()
-        try:
-            completed = execute.run(
-                command,
-                environment=environment,
-                timeout=app.manifest.hooks.timeout,
-            )
-        except CommandError as error:
-            outcomes.append(
-                HookOutcome(
-                    app.id,
-                    hook_name,
-                    succeeded=False,
-                    output=error.stderr_tail,
-                    error=error.message.splitlines()[0],
-                    duration=time.monotonic() - started,
-                )
-            )
-            return outcomes
-        output = "\n".join(
-            part.strip("\n") for part in (completed.stdout, completed.stderr) if part
-        )
         outcomes.append(
-            HookOutcome(
-                app.id,
-                hook_name,
-                succeeded=True,
-                output=output.strip(),
-                duration=time.monotonic() - started,
-            )
+            run_command(app.id, hook_name, command, environment, app.manifest.hooks.timeout)
         )
     return outcomes
+
+
+def run_command(
+    app_id: str, hook_name: str, command: list[str], environment: dict[str, str], timeout: float
+) -> HookOutcome:
+    """Run one argv hook (or health check) with a timeout; never raises for its failure."""
+    started = time.monotonic()
+    try:
+        completed = execute.run(command, environment=environment, timeout=timeout)
+    except CommandError as error:
+        return HookOutcome(
+            app_id,
+            hook_name,
+            succeeded=False,
+            output=error.stderr_tail,
+            error=error.message.splitlines()[0],
+            duration=time.monotonic() - started,
+        )
+    output = "\n".join(part.strip("\n") for part in (completed.stdout, completed.stderr) if part)
+    return HookOutcome(
+        app_id, hook_name, succeeded=True, output=output, duration=time.monotonic() - started
+    )

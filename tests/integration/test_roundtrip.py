@@ -144,7 +144,8 @@ def test_archive_metadata_carries_manifests_and_comment_summary(two_apps: Path) 
     listed = {archive.name: archive for archive in api.list_archives()}
     assert listed[backup.archive].apps == ["alpha", "beta"]
     assert listed[backup.archive].comment == "before upgrade"
-    metadata, contents = api.archive_details(backup.archive)
+    description, contents = api.read_archive(backup.archive)
+    metadata = description.metadata
     assert metadata["comment"] == "before upgrade"
     alpha = next(app for app in metadata["apps"] if app["id"] == "alpha")
     assert alpha["version"] == 3

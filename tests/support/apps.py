@@ -97,7 +97,7 @@ def lockdown_flag(homesafe_env: Path, app_id: str) -> Path:
 
 def archive_paths(archive_name: str) -> set[str]:
     """Every path stored in the archive (absolute again), homesafe's own files left out."""
-    _, contents = api.archive_details(archive_name)
+    _, contents = api.read_archive(archive_name)
     return {"/" + entry.path for entry in contents}
 
 

@@ -6,7 +6,8 @@
     daemon.py status STATE_DIR  exit 0 when it runs, 3 when it does not
 
 Failure injection, for tests: if STATE_DIR/fail-stop exists, ``stop`` exits 1 and leaves
-the daemon running; if STATE_DIR/fail-start exists, ``start`` exits 1 and starts nothing.
+the daemon running; if STATE_DIR/fail-start exists, ``start`` exits 1 and starts nothing
+(STATE_DIR/fail-start-once: the same, once, then the marker is gone).
 Every call is appended to STATE_DIR/calls, so tests can check the order of operations.
 """
 
@@ -33,6 +34,11 @@ def running_pid(state: Path) -> int | None:
 
 
 def start(state: Path) -> int:
+    once = state / "fail-start-once"
+    if once.exists():
+        once.unlink()
+        print("refusing to start once: fail-start-once was set", file=sys.stderr)
+        return 1
     if (state / "fail-start").exists():
         print("refusing to start: fail-start is set", file=sys.stderr)
         return 1

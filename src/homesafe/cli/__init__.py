@@ -15,10 +15,19 @@ from typing import Any
 import click
 
 from homesafe import __version__
+from homesafe.cli.alerts import alerts_group
 from homesafe.cli.apps import apps_group
 from homesafe.cli.archives import archives_group
+from homesafe.cli.history import history_command, status_command
 from homesafe.cli.key import key_group
-from homesafe.cli.operations import backup_command, export_command, restore_command
+from homesafe.cli.operations import (
+    backup_command,
+    export_command,
+    import_command,
+    restore_command,
+    verify_command,
+)
+from homesafe.cli.schedule import schedule_group
 from homesafe.errors import EXIT_FAILURE, HomesafeError
 
 
@@ -74,4 +83,10 @@ main.add_command(backup_command)
 main.add_command(archives_group)
 main.add_command(restore_command)
 main.add_command(export_command)
+main.add_command(import_command)
+main.add_command(verify_command)
 main.add_command(key_group)
+main.add_command(schedule_group)
+main.add_command(history_command)
+main.add_command(status_command)
+main.add_command(alerts_group)

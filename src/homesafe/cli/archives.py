@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from homesafe.cli.output import console, human_size, print_json
@@ -41,14 +43,36 @@ def list_command(as_json: bool) -> None:
 @click.argument("archive")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def show_command(archive: str, as_json: bool) -> None:
-    """Show an archive: when, from where, and per app its version, strategy and files."""
+    """Show an archive: when, from where, and per app its version, strategy, downtime
+    and size. Archives made by the reference distribution are read too."""
     from homesafe import api
+    from homesafe.manifest import is_inside
 
-    metadata, contents = api.archive_details(archive)
+    description, contents = api.read_archive(archive)
+    apps: list[dict[str, Any]] = []
+    for app_id, stored in description.apps.items():
+        paths = stored.paths if stored.paths is not None else stored.manifest.owned_paths()
+        apps.append(
+            {
+                "id": app_id,
+                "version": stored.manifest.version,
+                "strategy": stored.strategy,
+                "downtime_seconds": stored.downtime_seconds,
+                "paths": paths,
+                "size": sum(
+                    entry.size
+                    for entry in contents
+                    if entry.type == "-"
+                    and any(is_inside(entry.path, path.lstrip("/")) for path in paths)
+                ),
+            }
+        )
     if as_json:
         print_json(
             {
-                "metadata": metadata,
+                "format": description.format,
+                "metadata": description.metadata,
+                "apps": apps,
                 "contents": [
                     {"path": "/" + entry.path, "type": entry.type, "mode": entry.mode,
                      "size": entry.size}
@@ -58,21 +82,19 @@ def show_command(archive: str, as_json: bool) -> None:
         )  # fmt: skip
         return
     out = console()
-    out.print(f"[bold]{archive}[/] created {metadata.get('created')} on {metadata.get('host')}")
+    metadata = description.metadata
+    if description.format == "reference":
+        out.print(f"[bold]{archive}[/] (written by the reference distribution)")
+    else:
+        out.print(f"[bold]{archive}[/] created {metadata.get('created')} on {metadata.get('host')}")
     if metadata.get("comment"):
         out.print(f"comment: {metadata['comment']}")
-    for app in metadata.get("apps", []):
-        app_paths = app.get("paths", [])
-        size = sum(
-            entry.size
-            for entry in contents
-            if any(("/" + entry.path).startswith(path) for path in app_paths)
-        )
-        downtime = app.get("downtime_seconds")
-        shown = "measured after the archive" if downtime is None else f"{downtime:.3f} s"
+    for app in apps:
+        downtime = app["downtime_seconds"]
+        shown = "not recorded" if downtime is None else f"{downtime:.3f} s"
         out.print(
-            f"  {app['id']} (version {app.get('version')}): strategy {app.get('strategy')}, "
-            f"downtime {shown}, {human_size(size)} in {len(app_paths)} paths"
+            f"  {app['id']} (version {app['version']}): strategy {app['strategy'] or '-'}, "
+            f"downtime {shown}, {human_size(app['size'])} in {len(app['paths'])} paths"
         )
 
 

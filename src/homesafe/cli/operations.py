@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from homesafe.cli.output import print_json, print_operation, progress_bar
+from homesafe.cli.output import print_json, print_operation, print_preview, progress_bar
+from homesafe.errors import EXIT_FAILURE
+
+if TYPE_CHECKING:
+    from homesafe.api import OperationResult, RestorePreview
 
 
 @click.command("backup")
@@ -57,45 +62,133 @@ def backup_command(
         result = api.backup_apps(
             app_ids, archive_name=archive_name, comment=comment, on_progress=on_progress
         )
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        print_operation(result)
-    sys.exit(result.exit_code)
+    _finish(result, as_json)
 
 
-@click.command("restore")
-@click.argument("archive")
-@click.argument("app_ids", nargs=-1, metavar="[APP]...")
-@click.option(
+TARGET_ROOT_OPTION = click.option(
     "--target-root",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/"),
     show_default=True,
     help="Restore below this directory instead of the live system (services, hooks "
-    "and settings are then left alone).",
+    "and settings are then left alone): for migrating to a new machine.",
 )
+FORCE_OPTION = click.option(
+    "--force", is_flag=True, help="Restore data newer than the installed app's version."
+)
+DRY_RUN_OPTION = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show what would change (files added, replaced, removed; services; free space) "
+    "and change nothing.",
+)
+
+
+@click.command("restore")
+@click.argument("archive")
+@click.argument("app_ids", nargs=-1, metavar="[APP]...")
+@TARGET_ROOT_OPTION
+@FORCE_OPTION
+@DRY_RUN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restore_command(
-    archive: str, app_ids: tuple[str, ...], target_root: Path, as_json: bool
+    archive: str,
+    app_ids: tuple[str, ...],
+    target_root: Path,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Restore apps from ARCHIVE (every app in it when none is named).
 
     The manifests stored in the archive say which paths, services and settings each
-    app has. Missing apps are installed first (setup.install); each app is locked down
-    and its services are stopped while its files are put back.
+    app has (archives of the reference distribution are read too). Each app's files are
+    extracted next to their targets and verified while the app still runs; then the app
+    is locked down, its services stopped, and the files swapped in. If anything fails,
+    the app is put back exactly as it was. Missing apps are installed first.
     """
     from homesafe import api
 
+    if dry_run:
+        _print_preview(
+            api.preview_restore(archive, app_ids, target_root=target_root, force=force), as_json
+        )
+        return
     with progress_bar("restore", enabled=not as_json) as on_progress:
         result = api.restore_apps(
-            archive, app_ids, target_root=target_root, on_progress=on_progress
+            archive, app_ids, target_root=target_root, force=force, on_progress=on_progress
         )
+    _finish(result, as_json)
+
+
+@click.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("app_ids", nargs=-1, metavar="[APP]...")
+@TARGET_ROOT_OPTION
+@FORCE_OPTION
+@DRY_RUN_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def import_command(
+    file: Path,
+    app_ids: tuple[str, ...],
+    target_root: Path,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Restore apps from an exported tar FILE (.tar, .tar.gz, .tar.zst, ...).
+
+    Works like `restore`, for a backup downloaded or exported earlier (by homesafe or by
+    the reference distribution). The file is checked first: a member with `..`, an
+    absolute path, a link pointing outside, a device file, or a path of no app in the
+    archive refuses the whole file, and nothing is written.
+    """
+    from homesafe import api
+
+    if dry_run:
+        preview = api.preview_restore(
+            str(file), app_ids, file=file, target_root=target_root, force=force
+        )
+        _print_preview(preview, as_json)
+        return
+    with progress_bar("import", enabled=not as_json) as on_progress:
+        result = api.import_apps(
+            file, app_ids, target_root=target_root, force=force, on_progress=on_progress
+        )
+    _finish(result, as_json)
+
+
+@click.command("verify")
+@click.argument("archive")
+@click.argument("app_ids", nargs=-1, metavar="[APP]...")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(archive: str, app_ids: tuple[str, ...], as_json: bool) -> None:
+    """Drill a restore: restore ARCHIVE's apps into a sandbox and check they are healthy.
+
+    Each app's `setup.health` command runs against the sandbox (its path is in
+    HOMESAFE_ROOT); the time to a healthy restore is reported, and the sandbox removed.
+    The live system is not touched.
+    """
+    from homesafe import api
+
+    _finish(api.verify_archive(archive, app_ids), as_json)
+
+
+def _finish(result: OperationResult, as_json: bool) -> None:
     if as_json:
         print_json(result.to_dict())
     else:
         print_operation(result)
     sys.exit(result.exit_code)
+
+
+def _print_preview(preview: RestorePreview, as_json: bool) -> None:
+    if as_json:
+        print_json(preview.to_dict())
+    else:
+        print_preview(preview)
+    if not preview.possible:
+        sys.exit(EXIT_FAILURE)
 
 
 @click.command("export")

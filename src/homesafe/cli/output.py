@@ -13,7 +13,7 @@ import click
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from homesafe.api import OperationResult
+    from homesafe.api import OperationResult, RestorePreview
     from homesafe.engines.base import Progress, ProgressCallback
 
 
@@ -103,3 +103,33 @@ def print_operation(result: OperationResult) -> None:
     for app in result.apps:
         for warning in app.warnings:
             out.print(f"[yellow]warning[/]: {app.app}: {warning}")
+
+
+def print_preview(preview: RestorePreview) -> None:
+    """What a restore would change, app by app, and the space it needs."""
+    out = console()
+    out.print(f"[bold]Dry run[/]: restoring {preview.archive} into {preview.target_root}")
+    for app in preview.apps:
+        out.print(
+            f"  [bold]{app.app}[/]: {len(app.added)} added, {len(app.replaced)} replaced, "
+            f"{len(app.removed)} removed, {app.unchanged} unchanged; "
+            f"{human_size(app.size)} to write"
+        )
+        for label, paths in (("+", app.added), ("~", app.replaced), ("-", app.removed)):
+            for path in paths[:10]:
+                out.print(f"      {label} {path}", highlight=False)
+            if len(paths) > 10:
+                out.print(f"      {label} ... and {len(paths) - 10} more")
+        if app.services:
+            out.print(f"    stops and restarts: {', '.join(app.services)}")
+        for error in app.errors:
+            out.print(f"    [red]refused[/]: {error}")
+    for check in preview.space:
+        verdict = "[green]enough[/]" if check.sufficient else "[red]NOT ENOUGH[/]"
+        out.print(
+            f"  space on the filesystem of {check.anchor}: needs "
+            f"{human_size(check.required)}, {human_size(check.available)} free: {verdict}"
+        )
+    out.print(
+        "Nothing was changed." if preview.possible else "[red]This restore would be refused.[/]"
+    )

@@ -1,0 +1,337 @@
+"""Staged atomic restore: nothing of an app is touched until all of it is ready.
+
+For each path of each app being restored:
+
+1. **plan** — where it goes (below the target root) and a staging area on the *same
+   filesystem* (so that moving it into place is a rename, never a copy);
+2. **check space** — every filesystem must hold what will be staged on it, before
+   anything is written;
+3. **stage** — the engine extracts the paths into the staging areas while the apps still
+   run;
+4. **verify** — every archived file is there with its size;
+5. **swap** (under quiesce) — the live path is renamed aside, the staged one renamed into
+   place; the previous copy is kept until the whole app succeeded, so that any failure
+   (a hook, a service that will not start) is rolled back by renaming back.
+
+A path the archive does not hold (it did not exist at backup time) is moved aside too:
+after a restore, each app's paths are exactly what the archive says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from homesafe import locations
+from homesafe.engines.base import ArchiveEntry, ProgressCallback
+from homesafe.errors import HomesafeError
+from homesafe.manifest import is_inside
+from homesafe.sources import ArchiveSource
+
+STAGING_PREFIX = ".homesafe-staging-"
+# Room left free besides the staged bytes: filesystem blocks, directories, metadata.
+SPACE_MARGIN_BYTES = 16 * 1024 * 1024
+BLOCK_OVERHEAD_BYTES = 4096
+
+
+class RestoreError(HomesafeError):
+    """The restore of an app could not go on; what was changed has been put back."""
+
+
+class InsufficientSpaceError(HomesafeError):
+    """A filesystem cannot hold what a restore would stage on it."""
+
+
+class VerificationError(RestoreError):
+    """What was extracted does not match the archive's listing."""
+
+
+@dataclass
+class StagingArea:
+    """A private directory on one filesystem: ``new/`` holds staged copies, ``old/`` the
+    live copies moved aside."""
+
+    device: int
+    anchor: Path  # an existing directory on that filesystem
+    root: Path | None = None
+
+    def create(self) -> Path:
+        if self.root is None:
+            base = locations.ensure_home() / "tmp"
+            base.mkdir(exist_ok=True, mode=0o700)
+            # homesafe's own scratch space when it is on that filesystem, else beside
+            # the targets themselves.
+            parent = base if os.stat(base).st_dev == self.device else self.anchor
+            self.root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
+            (self.root / "new").mkdir()
+            (self.root / "old").mkdir()
+        return self.root
+
+    def remove(self) -> None:
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+
+@dataclass
+class PathPlan:
+    """One app path: where it goes and where it is staged."""
+
+    path: str  # absolute, as in the manifest
+    target: Path
+    in_archive: bool
+    area: StagingArea
+
+    @property
+    def archive_path(self) -> str:
+        return self.path.lstrip("/")
+
+    @property
+    def staged(self) -> Path:
+        assert self.area.root is not None
+        return self.area.root / "new" / self.archive_path
+
+    @property
+    def previous(self) -> Path:
+        assert self.area.root is not None
+        return self.area.root / "old" / self.archive_path
+
+
+@dataclass
+class AppPlan:
+    """Everything about one app's restore that is known before touching it."""
+
+    app_id: str
+    paths: list[PathPlan]
+    entries: list[ArchiveEntry]
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in self.entries if entry.type == "-")
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def plan(
+    apps: Iterable[tuple[str, list[str]]], listing: list[ArchiveEntry], target_root: Path
+) -> list[AppPlan]:
+    """Plan the restore of ``(app id, paths)`` from an archive with this listing."""
+    areas: dict[int, StagingArea] = {}
+    by_path = {entry.path: entry for entry in listing}
+    plans = []
+    for app_id, paths in apps:
+        path_plans = []
+        entries: list[ArchiveEntry] = []
+        for path in paths:
+            relative = path.lstrip("/")
+            target = target_root / relative
+            anchor = nearest_existing(target.parent)
+            device = os.stat(anchor).st_dev
+            area = areas.setdefault(device, StagingArea(device, anchor))
+            path_plans.append(PathPlan(path, target, relative in by_path, area))
+            entries += [entry for entry in listing if is_inside(entry.path, relative)]
+        plans.append(AppPlan(app_id, path_plans, entries))
+    return plans
+
+
+@dataclass
+class SpaceCheck:
+    """Free space against need, for one filesystem."""
+
+    anchor: str
+    required: int
+    available: int
+
+    @property
+    def sufficient(self) -> bool:
+        return self.available >= self.required
+
+
+def check_space(plans: Iterable[AppPlan]) -> list[SpaceCheck]:
+    """What each filesystem needs and has; staging never overwrites, so it needs it all."""
+    needs: dict[int, tuple[StagingArea, int]] = {}
+    for app_plan in plans:
+        for path_plan in app_plan.paths:
+            size = sum(
+                entry.size + BLOCK_OVERHEAD_BYTES
+                for entry in app_plan.entries
+                if is_inside(entry.path, path_plan.archive_path)
+            )
+            area, total = needs.get(path_plan.area.device, (path_plan.area, 0))
+            needs[path_plan.area.device] = (area, total + size)
+    checks = []
+    for area, total in needs.values():
+        status = os.statvfs(area.anchor)
+        checks.append(
+            SpaceCheck(
+                str(area.anchor),
+                total + SPACE_MARGIN_BYTES,
+                status.f_bavail * status.f_frsize,
+            )
+        )
+    return checks
+
+
+def require_space(plans: Iterable[AppPlan]) -> None:
+    """Refuse, before anything is written, a restore that does not fit."""
+    short = [check for check in check_space(plans) if not check.sufficient]
+    if short:
+        details = "; ".join(
+            f"the filesystem of {check.anchor} needs {check.required / 1e6:.1f} MB "
+            f"and has {check.available / 1e6:.1f} MB free"
+            for check in short
+        )
+        raise InsufficientSpaceError(
+            f"not enough space to restore: {details}. Nothing was changed.",
+            hint="Free some space, or restore fewer apps at a time.",
+        )
+
+
+def stage(
+    plans: list[AppPlan], source: ArchiveSource, on_progress: ProgressCallback | None
+) -> list[str]:
+    """Extract every planned path into its staging area, one engine call per filesystem.
+
+    Returns the engine's warnings.
+    """
+    by_area: dict[int, tuple[StagingArea, list[str]]] = {}
+    for app_plan in plans:
+        for path_plan in app_plan.paths:
+            if path_plan.in_archive:
+                area, paths = by_area.setdefault(path_plan.area.device, (path_plan.area, []))
+                paths.append(path_plan.archive_path)
+    for app_plan in plans:
+        for path_plan in app_plan.paths:
+            path_plan.area.create()
+    warnings = []
+    for area, paths in by_area.values():
+        assert area.root is not None
+        warnings += source.extract(paths, area.root / "new", on_progress)
+    return warnings
+
+
+def verify(app_plan: AppPlan) -> None:
+    """Every archived entry of the app is staged, with its type and size."""
+    problems = []
+    for path_plan in app_plan.paths:
+        if not path_plan.in_archive:
+            continue
+        assert path_plan.area.root is not None
+        for entry in app_plan.entries:
+            if not is_inside(entry.path, path_plan.archive_path):
+                continue
+            staged = path_plan.area.root / "new" / entry.path
+            if not os.path.lexists(staged):
+                problems.append(f"/{entry.path} is missing")
+            elif entry.type == "-" and staged.lstat().st_size != entry.size:
+                problems.append(
+                    f"/{entry.path} has {staged.lstat().st_size} bytes, not {entry.size}"
+                )
+            elif entry.type == "d" and not staged.is_dir():
+                problems.append(f"/{entry.path} is not a directory")
+            elif entry.type == "l" and not staged.is_symlink():
+                problems.append(f"/{entry.path} is not a symbolic link")
+    if problems:
+        shown = "; ".join(problems[:10])
+        raise VerificationError(
+            f"the extracted copy of {app_plan.app_id} does not match the archive: {shown}"
+            + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+        )
+
+
+@dataclass
+class Swap:
+    """Puts one app's staged paths into place, and can take them back out."""
+
+    app_plan: AppPlan
+    moved_aside: list[PathPlan] = field(default_factory=list)
+    placed: list[PathPlan] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)
+
+    def apply(self) -> None:
+        """Rename each live path aside and each staged path into place.
+
+        Raises RestoreError after rolling back whatever it had done.
+        """
+        try:
+            for path_plan in self.app_plan.paths:
+                if os.path.lexists(path_plan.target):
+                    path_plan.previous.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(path_plan.target, path_plan.previous)
+                    self.moved_aside.append(path_plan)
+                if path_plan.in_archive:
+                    self._make_parents(path_plan.target.parent)
+                    os.rename(path_plan.staged, path_plan.target)
+                    self.placed.append(path_plan)
+        except OSError as error:
+            self.roll_back()
+            raise RestoreError(
+                f"could not put {error.filename or 'a path'} of {self.app_plan.app_id} in "
+                f"place: {error.strerror}; the app was left as it was"
+            ) from error
+
+    def _make_parents(self, directory: Path) -> None:
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for path in reversed(missing):
+            path.mkdir(mode=0o755)
+            self.created.append(path)
+
+    def roll_back(self) -> None:
+        """Undo :meth:`apply`: restored paths back to staging, previous ones in place."""
+        failures = []
+        for path_plan in reversed(self.placed):
+            try:
+                os.rename(path_plan.target, path_plan.staged)
+            except OSError as error:
+                failures.append(f"{path_plan.target}: {error.strerror}")
+        self.placed.clear()
+        for path_plan in reversed(self.moved_aside):
+            try:
+                os.rename(path_plan.previous, path_plan.target)
+            except OSError as error:
+                failures.append(
+                    f"{path_plan.target}: {error.strerror} (the previous copy is kept at "
+                    f"{path_plan.previous})"
+                )
+        self.moved_aside.clear()
+        for directory in reversed(self.created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        self.created.clear()
+        if failures:
+            raise RestoreError(
+                f"rolling back {self.app_plan.app_id} failed for: {'; '.join(failures)}",
+                hint="Nothing was deleted: move the kept copies back by hand.",
+            )
+
+    def commit(self) -> None:
+        """Forget the previous copies: the app has been restored."""
+        for path_plan in self.moved_aside:
+            if path_plan.previous.is_dir() and not path_plan.previous.is_symlink():
+                shutil.rmtree(path_plan.previous, ignore_errors=True)
+            else:
+                path_plan.previous.unlink(missing_ok=True)
+        self.moved_aside.clear()
+        self.placed.clear()
+        self.created.clear()
+
+
+def remove_staging(plans: Iterable[AppPlan], keep_if_unrolled: Iterable[Swap] = ()) -> None:
+    """Remove every staging area, except those still holding previous copies."""
+    keep = {path_plan.area.device for swap in keep_if_unrolled for path_plan in swap.moved_aside}
+    for app_plan in plans:
+        for path_plan in app_plan.paths:
+            if path_plan.area.device not in keep:
+                path_plan.area.remove()

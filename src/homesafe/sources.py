@@ -1,0 +1,259 @@
+"""Where a restore reads archived files from: a repository archive, or a tar file.
+
+Both kinds answer the same three questions: what does the archive say about itself
+(:meth:`describe`), what does it hold (:meth:`listing`), and extract these paths below
+that directory (:meth:`extract`). Paths in listings are archive paths: absolute paths
+without the leading ``/``.
+
+A tar file comes from outside (a downloaded backup, say), so :class:`TarSource` trusts
+nothing in it: every member is checked before anything is written, and one bad member
+refuses the whole file (see :func:`check_members`).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+from homesafe import archives, execute, locations
+from homesafe.engines import engine_for
+from homesafe.engines.base import ArchiveEntry, ProgressCallback
+from homesafe.errors import HomesafeError
+from homesafe.manifest import is_inside
+from homesafe.repositories import Repository
+
+
+class UnsafeArchiveError(HomesafeError):
+    """A tar file holds something that must never be extracted."""
+
+
+class NotAnArchiveError(HomesafeError):
+    """The archive was written neither by homesafe nor by the reference distribution."""
+
+
+class ArchiveSource(Protocol):
+    label: str
+
+    def describe(self) -> archives.ArchiveDescription: ...
+
+    def listing(self) -> list[ArchiveEntry]: ...
+
+    def extract(
+        self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
+    ) -> list[str]: ...
+
+
+@contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A private temporary directory under ``$HOMESAFE_HOME/tmp``, removed afterwards."""
+    base = locations.ensure_home() / "tmp"
+    base.mkdir(exist_ok=True, mode=0o700)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=base) as directory:
+        yield Path(directory)
+
+
+def _description_or_error(directory: Path, label: str) -> archives.ArchiveDescription:
+    description = archives.describe_extracted(directory, label)
+    if description is None:
+        raise NotAnArchiveError(
+            f"{label} was written neither by homesafe nor by the reference distribution: "
+            f"it has no {archives.METADATA_FILE} and no {archives.REFERENCE_MANIFESTS}/"
+        )
+    return description
+
+
+class EngineSource:
+    """An archive in a repository, read through its engine."""
+
+    def __init__(self, repository: Repository, archive_name: str) -> None:
+        self.repository = repository
+        self.archive_name = archive_name
+        self.engine = engine_for(repository.engine)
+        self.label = f"archive {archive_name!r}"
+
+    def describe(self) -> archives.ArchiveDescription:
+        with scratch_directory("describe-") as directory:
+            self.engine.extract(
+                self.repository, self.archive_name, archives.DESCRIPTION_MEMBERS, directory
+            )
+            description = _description_or_error(directory, self.label)
+            settings_files = archives.reference_settings_members(description)
+            if settings_files:
+                self.engine.extract(self.repository, self.archive_name, settings_files, directory)
+                archives.load_reference_settings(description, directory)
+            return description
+
+    def listing(self) -> list[ArchiveEntry]:
+        return self.engine.list_contents(self.repository, self.archive_name)
+
+    def extract(
+        self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
+    ) -> list[str]:
+        return self.engine.extract(
+            self.repository, self.archive_name, list(paths), into, on_progress=on_progress
+        )
+
+
+# -- tar files --------------------------------------------------------------------
+
+TAR_TYPES = {
+    tarfile.REGTYPE: "-",
+    tarfile.AREGTYPE: "-",
+    tarfile.DIRTYPE: "d",
+    tarfile.SYMTYPE: "l",
+    tarfile.LNKTYPE: "h",
+}
+
+
+def archive_name(name: str) -> str:
+    """A tar name as an archive path: leading ``./`` and trailing ``/`` removed."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.rstrip("/")
+
+
+def member_path(member: tarfile.TarInfo) -> str:
+    return archive_name(member.name)
+
+
+def check_members(members: Sequence[tarfile.TarInfo], allowed: Callable[[str], bool]) -> list[str]:
+    """Every reason to refuse these members; an empty list means all are safe.
+
+    Refused: absolute names, ``..`` anywhere, device files and FIFOs, symbolic links
+    whose target leaves the tree (absolute, or climbing above the root), hard links to
+    names that are themselves refused, and names ``allowed`` rejects (a path that
+    belongs to no app of the restore).
+    """
+    problems = []
+    for member in members:
+        name = member_path(member)
+        parts = name.split("/")
+        if member.name.startswith("/"):
+            problems.append(f"{member.name}: absolute path")
+            continue
+        if ".." in parts:
+            problems.append(f"{member.name}: contains '..'")
+            continue
+        if member.isdev() or member.isfifo():
+            problems.append(f"{member.name}: device file or FIFO")
+            continue
+        if member.type not in TAR_TYPES:
+            problems.append(f"{member.name}: unsupported member type {member.type!r}")
+            continue
+        if member.issym():
+            target = member.linkname
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+            if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
+                problems.append(f"{member.name}: link to {target!r} points outside the archive")
+                continue
+        if member.islnk():
+            link = (
+                member.linkname.lstrip("./")
+                if member.linkname.startswith("./")
+                else member.linkname
+            )
+            link_parts = link.split("/")
+            if link.startswith("/") or ".." in link_parts or not allowed(link):
+                problems.append(f"{member.name}: hard link to {member.linkname!r} is not allowed")
+                continue
+        if not allowed(name):
+            problems.append(f"{member.name}: belongs to no app being restored")
+    return problems
+
+
+class TarSource:
+    """An exported archive in a tar file (.tar, .tar.gz, .tar.bz2, .tar.xz, .tar.zst).
+
+    ``.tar.zst`` is decompressed with the ``zstd`` program into homesafe's scratch space
+    first (Python's tarfile does not read zstd).
+    """
+
+    def __init__(self, file: Path, scratch: Path) -> None:
+        self.file = file
+        self.label = f"tar file {file}"
+        if not file.is_file():
+            raise HomesafeError(f"{file} does not exist or is not a file")
+        self.tar_path = file
+        if file.name.endswith((".zst", ".zstd")):
+            self.tar_path = scratch / "import.tar"
+            execute.run(["zstd", "-d", "-q", "-c", "--", str(file)], stdout_path=self.tar_path)
+        try:
+            with tarfile.open(self.tar_path) as tar:
+                self.members = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise HomesafeError(f"{file} is not a readable tar file: {error}") from None
+        self.by_path = {member_path(member): member for member in self.members}
+
+    def describe(self) -> archives.ArchiveDescription:
+        roots = (*archives.DESCRIPTION_MEMBERS, archives.REFERENCE_DATA)
+        wanted = [
+            member
+            for member in self.members
+            if member.isfile()
+            and any(is_inside(member_path(member), root) for root in roots)
+            and not (
+                is_inside(member_path(member), archives.REFERENCE_DATA)
+                and not member_path(member).endswith("-settings.json")
+            )
+        ]
+        problems = check_members(wanted, lambda path: True)
+        if problems:
+            raise UnsafeArchiveError(f"{self.label} is unsafe: {'; '.join(problems)}")
+        with scratch_directory("describe-") as directory, tarfile.open(self.tar_path) as tar:
+            for member in wanted:
+                source = tar.extractfile(member)
+                if source is None:
+                    continue
+                target = directory / member_path(member)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with source, open(target, "wb") as output:
+                    output.write(source.read())
+            description = _description_or_error(directory, self.label)
+            archives.load_reference_settings(description, directory)
+            return description
+
+    def listing(self) -> list[ArchiveEntry]:
+        return [
+            ArchiveEntry(
+                path=member_path(member),
+                type=TAR_TYPES.get(member.type, "?"),
+                mode=stat.filemode(member.mode),
+                size=member.size if member.isfile() else 0,
+                user=member.uname,
+                group=member.gname,
+                link_target=member.linkname,
+            )
+            for member in self.members
+            if member_path(member)
+        ]
+
+    def check(self, allowed: Callable[[str], bool]) -> None:
+        """Refuse the whole file if any member is unsafe; nothing has been written yet."""
+        problems = check_members(self.members, allowed)
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise UnsafeArchiveError(
+                f"{self.label} holds {len(problems)} unsafe member(s); nothing was "
+                f"written:\n  {shown}{more}"
+            )
+
+    def extract(
+        self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
+    ) -> list[str]:
+        selected = [
+            member
+            for member in self.members
+            if any(is_inside(member_path(member), path) for path in paths)
+        ]
+        with tarfile.open(self.tar_path) as tar:
+            # Every member was checked by check(): extract as the archive says, owners
+            # and modes included, as a restore must.
+            tar.extractall(into, members=selected, filter="fully_trusted")  # noqa: S202
+        return []
