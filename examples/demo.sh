@@ -196,6 +196,9 @@ if notesctl check; then
 fi
 echo "notesctl check fails on the damaged data, as it should"
 
+say "What a restore of $ARCHIVE would change"
+run homesafe restore --dry-run "$ARCHIVE"
+
 say "Restoring $ARCHIVE"
 run homesafe restore "$ARCHIVE"
 
@@ -213,6 +216,9 @@ if ! diff -r "$EXPECTED/bookmarks" "$ROOT/bookmarks/data"; then
     die "the bookmarks after the restore differ from before the backup (diff above)"
 fi
 echo "the bookmark files are back:" "$ROOT"/bookmarks/data/*
+
+say "A restore drill: $ARCHIVE restored into a sandbox, its health checked"
+run homesafe verify "$ARCHIVE"
 
 say "Stopping notes"
 run notesctl stop

@@ -210,3 +210,47 @@ def test_the_borg_under_test_is_the_one_asked_for(homesafe_env: Path) -> None:
         assert found == expected
     else:
         assert found.startswith(("1.2.", "1.4."))
+
+
+def test_restore_dry_run_import_and_verify(apps: Path, tmp_path: Path) -> None:
+    archive = json_of(homesafe("backup", "--json"))["archive"]
+    (apps / "srv/good/data.txt").write_text("damaged\n")
+    (apps / "srv/good/extra.txt").write_text("created after the backup\n")
+
+    preview = homesafe("restore", archive, "good", "--dry-run", "--json")
+    assert preview.returncode == 0, preview.stderr
+    plan = json_of(preview)
+    assert plan["possible"] is True
+    (good,) = plan["apps"]
+    assert good["replaced"] == [f"{apps}/srv/good/data.txt"]
+    assert good["removed"] == [f"{apps}/srv/good/extra.txt"]
+    assert (apps / "srv/good/data.txt").read_text() == "damaged\n"
+
+    drill = homesafe("verify", archive, "--json")
+    assert drill.returncode == 0, drill.stderr
+    assert json_of(drill)["operation"] == "verify"
+
+    tarball = tmp_path / "export.tar.gz"
+    assert homesafe("export", archive, str(tarball)).returncode == 0
+    imported = homesafe("import", str(tarball), "good", "--json")
+    assert imported.returncode == 0, imported.stderr
+    assert (apps / "srv/good/data.txt").read_text() == "good data\n"
+    assert not (apps / "srv/good/extra.txt").exists()
+
+
+def test_import_of_a_hostile_tar_exits_1_and_writes_nothing(apps: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    archive = json_of(homesafe("backup", "--json"))["archive"]
+    tarball = tmp_path / "export.tar"
+    assert homesafe("export", archive, str(tarball)).returncode == 0
+    evil = tarfile.TarInfo(f"{apps}/srv/good/../../../evil".lstrip("/"))
+    with tarfile.open(tarball, "a") as tar:
+        tar.addfile(evil, None)
+    (apps / "srv/good/data.txt").write_text("damaged\n")
+
+    completed = homesafe("import", str(tarball))
+    assert completed.returncode == 1
+    assert "contains '..'" in completed.stderr
+    assert "nothing was written" in completed.stderr
+    assert (apps / "srv/good/data.txt").read_text() == "damaged\n"

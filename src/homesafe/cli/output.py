@@ -75,7 +75,9 @@ def print_operation(result: OperationResult) -> None:
     from rich.table import Table
 
     out = console()
-    verb = "Backup" if result.operation == "backup" else "Restore"
+    verb = {"backup": "Backup", "restore": "Restore", "verify": "Restore drill of"}.get(
+        result.operation, result.operation.capitalize()
+    )
     table = Table(title=f"{verb} {result.archive} ({result.status})", title_justify="left")
     for column in ("app", "status", "strategy", "downtime", "size"):
         table.add_column(column, justify="right" if column in ("downtime", "size") else "left")
@@ -97,6 +99,9 @@ def print_operation(result: OperationResult) -> None:
             f"{human_size(stats.deduplicated_size)} new after deduplication, "
             f"in {result.duration:.1f} s"
         )
+    for app in result.apps:
+        if app.healthy_after is not None:
+            out.print(f"{app.app}: healthy {app.healthy_after:.1f} s after the drill began")
     for error in result.all_errors():
         where = f"{error.app}" + (f" ({error.hook})" if error.hook else "")
         out.print(f"[red]error[/]: {where}: {error.message}")
