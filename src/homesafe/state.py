@@ -24,6 +24,65 @@ SCHEMA = [
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL          -- JSON
     )""",
+    # history: one row per operation (backup, restore, prune, check, verify)
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        operation TEXT NOT NULL,
+        trigger TEXT NOT NULL,       -- manual | scheduled
+        status TEXT NOT NULL,        -- running | ok | partial | failed
+        repository TEXT NOT NULL,
+        archive TEXT NOT NULL,
+        started TEXT NOT NULL,       -- UTC, ISO 8601
+        finished TEXT,               -- UTC, ISO 8601; NULL while running
+        scheduled_at TEXT,           -- scheduled runs: the scheduler's clock when it decided
+        periods TEXT NOT NULL,       -- JSON list: the schedule periods a run serves
+        process INTEGER,             -- the pid that runs it, to tell interrupted runs
+        error TEXT NOT NULL,         -- the first error, one line, for listings
+        detail TEXT NOT NULL         -- JSON: the operation's whole result
+    )""",
+    # history
+    "CREATE INDEX IF NOT EXISTS jobs_by_repository ON jobs (repository, operation, id)",
+    # history: how each app fared in each job
+    """CREATE TABLE IF NOT EXISTS job_apps (
+        job INTEGER NOT NULL REFERENCES jobs (id),
+        app TEXT NOT NULL,
+        status TEXT NOT NULL,        -- ok | failed | skipped
+        strategy TEXT NOT NULL,
+        downtime REAL NOT NULL,      -- seconds
+        size INTEGER NOT NULL,       -- bytes
+        errors TEXT NOT NULL,        -- JSON list of BackupError dicts
+        PRIMARY KEY (job, app)
+    )""",
+    # history
+    "CREATE INDEX IF NOT EXISTS job_apps_by_app ON job_apps (app, job)",
+    # schedules: one schedule per repository
+    """CREATE TABLE IF NOT EXISTS schedules (
+        repository TEXT PRIMARY KEY,
+        settings TEXT NOT NULL,      -- JSON: keep counts, hour, time zone, excluded apps
+        overdue_alerted TEXT         -- UTC, ISO 8601: when an overdue alert last went out
+    )""",
+    # alerts: where failures and overdue backups are reported, per repository
+    """CREATE TABLE IF NOT EXISTS alert_channels (
+        repository TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,          -- webhook | ntfy | email | healthchecks
+        events TEXT NOT NULL,        -- JSON list: start, success, failure, overdue
+        settings TEXT NOT NULL,      -- JSON; secrets live in $HOMESAFE_HOME/secrets
+        PRIMARY KEY (repository, name)
+    )""",
+    # repositories: the registry of repositories besides the embedded default. A
+    # passphrase source says where the passphrase comes from (file path, environment
+    # variable name, or command argv), never the passphrase itself.
+    """CREATE TABLE IF NOT EXISTS repositories (
+        name TEXT PRIMARY KEY,
+        location TEXT NOT NULL,
+        engine TEXT NOT NULL,            -- borg | restic
+        encryption TEXT NOT NULL,
+        compression TEXT NOT NULL,
+        passphrase_source TEXT NOT NULL, -- JSON: {"file"|"environment"|"command": ...}
+        lock_wait REAL NOT NULL,         -- seconds to wait for a live lock
+        added TEXT NOT NULL              -- UTC, ISO 8601
+    )""",
 ]
 
 
