@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,12 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from homesafe import archives, locations, restore, state
+from homesafe import archives, journal, locations, restore, state
 from homesafe.apps import App, dependency_order, load_apps, select
 from homesafe.consistency import lockdown
 from homesafe.consistency.services import ServiceController, ServiceHandler
 from homesafe.engines import engine_for
-from homesafe.engines.base import ArchiveEntry, ArchiveStats, Progress, ProgressCallback
+from homesafe.engines.base import (
+    ArchiveEntry,
+    ArchiveStats,
+    CheckReport,
+    Progress,
+    ProgressCallback,
+    PruneReport,
+    RepositoryInfo,
+    RetentionPolicy,
+)
 from homesafe.errors import (
     EXIT_FAILURE,
     EXIT_PARTIAL,
@@ -39,11 +47,22 @@ from homesafe.errors import (
     EngineError,
     HomesafeError,
     ManifestError,
+    PassphraseError,
     RepositoryNotFoundError,
+    UsageError,
 )
 from homesafe.hooks import HookOutcome, run_command, run_hook
 from homesafe.manifest import is_inside
-from homesafe.repositories import Repository, default_repository, generate_passphrase
+from homesafe.repositories import (
+    Repository,
+    default_repository,
+    generate_passphrase,
+    passphrase_file_for,
+    s3_credentials_file,
+)
+from homesafe.repositories import get as get_repository
+from homesafe.repositories import new_passphrase as new_passphrase_value
+from homesafe.repositories import unregister as unregister_repository
 from homesafe.sources import ArchiveSource, EngineSource, TarSource, scratch_directory
 
 __all__ = [
@@ -53,15 +72,24 @@ __all__ = [
     "OperationResult",
     "Packet",
     "backup_apps",
+    "backup_full",
+    "change_passphrase",
+    "check_repository",
     "delete_archives",
     "export_archive",
     "export_key",
     "get_setting",
     "import_apps",
+    "import_key",
+    "initialize_repository",
     "list_archives",
     "preview_restore",
+    "prune_repository",
     "read_archive",
+    "remove_repository",
+    "repository_info",
     "restore_apps",
+    "restore_full",
     "set_setting",
     "verify_archive",
 ]
@@ -246,12 +274,21 @@ class _Quiesced:
     controllers: dict[str, ServiceController] = field(default_factory=dict)
     # The services each app had stopped, kept after they are started again.
     stopped: dict[str, list[ServiceHandler]] = field(default_factory=dict)
+    lockdown_entries: dict[str, int] = field(default_factory=dict)  # in the journal
 
     def enter(self) -> None:
-        """Lock every app down, then stop services: last app's last service first."""
+        """Lock every app down, then stop services: last app's last service first.
+
+        Each flag and each stop is written to the journal before it is made."""
         for app in self.apps:
             if not self.results[app.id].active:
                 continue  # failed already (not installed): nothing of it will be touched
+            self.lockdown_entries[app.id] = journal.record_lockdown(
+                app.id,
+                lockdown.flag_path(app.id),
+                app.manifest.lockdown.leave,
+                app.manifest.hooks.timeout,
+            )
             try:
                 lockdown.enter(app.manifest, self.operation)
             except CommandError as error:
@@ -262,7 +299,9 @@ class _Quiesced:
             result = self.results[app.id]
             if not result.active:
                 continue
-            controller = ServiceController(app.manifest.services)
+            controller = ServiceController(
+                app.manifest.services, journal=journal.active(), owner=app.id
+            )
             self.controllers[app.id] = controller
             if app.manifest.services:
                 result.strategy = "stop"
@@ -286,6 +325,8 @@ class _Quiesced:
                 lockdown.leave(app.manifest)
             except CommandError as error:
                 self.results[app.id].fail("lockdown", f"lockdown.leave failed: {error.message}")
+            # Not reached when interrupted: recovery then runs lockdown.leave again.
+            journal.active().undone(self.lockdown_entries.pop(app.id))
         self.locked.clear()
 
 
@@ -323,6 +364,8 @@ def _resolve_repository(repository: Repository | None) -> Repository:
 
 def _ensure_repository(repository: Repository) -> None:
     """Create the embedded default repository on first use; others must exist."""
+    if repository.is_remote:
+        return  # a probe costs a round trip: the engine's own call says if it is missing
     engine = engine_for(repository.engine)
     if engine.repository_exists(repository):
         return
@@ -381,15 +424,14 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
 
-def _staging_directory() -> tempfile.TemporaryDirectory[str]:
-    directory = locations.ensure_home() / "tmp"
-    directory.mkdir(exist_ok=True, mode=0o700)
-    return tempfile.TemporaryDirectory(prefix="operation-", dir=directory)
+def _staging_directory() -> contextlib.AbstractContextManager[Path]:
+    return scratch_directory("operation-")  # journaled: recovery removes a leftover
 
 
 # -- backup -------------------------------------------------------------------------
 
 
+@journal.guarded("backup")
 def backup_apps(
     app_ids: Sequence[str] | None = None,
     *,
@@ -469,10 +511,16 @@ def backup_apps(
         if results[app.id].status == "failed" and not results[app.id].errors:
             results[app.id].fail("unknown", "failed")  # never a silent failure
     result.duration = time.monotonic() - started_clock
+    _record_in_history(result)
+    return result
+
+
+def _record_in_history(result: OperationResult) -> None:
+    """Every operation becomes a job of the history (imported here: it costs start-up
+    time only to operations, not to listings)."""
     from homesafe import history
 
     history.record_operation(result)
-    return result
 
 
 def _write_backup_metadata(
@@ -582,6 +630,8 @@ class ArchiveInfo:
 
 def _existing_repository(repository: Repository | None) -> Repository:
     repository = _resolve_repository(repository)
+    if repository.is_remote:
+        return repository  # the engine's own call says if it is missing
     if not engine_for(repository.engine).repository_exists(repository):
         raise RepositoryNotFoundError(
             f"no repository at {repository.location}",
@@ -772,6 +822,12 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
             for app in run.selected:
                 if not run.results[app.id].active and app.id in run.swaps:
                     _roll_back(run, app)
+        except BaseException:
+            # Interrupted (SIGTERM, Ctrl-C) with apps swapped: none stays half-restored.
+            for app in run.selected:
+                if app.id in run.swaps:
+                    _roll_back(run, app)
+            raise
         finally:
             quiesced.leave()
         for app in run.selected:
@@ -804,6 +860,10 @@ def _swap_in(run: _RestoreRun, app: App) -> None:
     values = _restored_settings(run, app)
     if values:
         run.previous_settings[app.id] = state.read_settings(values)
+        swap.record(
+            journal.SETTINGS_WRITTEN,
+            {"previous": run.previous_settings[app.id], "written": list(values)},
+        )
         state.write_settings(values)
 
 
@@ -838,6 +898,7 @@ def _roll_back(run: _RestoreRun, app: App, started_services: Sequence[Any] = ())
             result.fail("rollback", f"could not start {handler.label} again: {error}")
 
 
+@journal.guarded("restore")
 def restore_apps(
     archive_name: str,
     app_ids: Sequence[str] | None = None,
@@ -865,9 +926,12 @@ def restore_apps(
     repository = _existing_repository(repository)
     source = EngineSource(repository, archive_name)
     run = _prepare_restore(source, archive_name, repository.name, app_ids, target_root, apps, force)
-    return _run_restore(run, on_progress)
+    result = _run_restore(run, on_progress)
+    _record_in_history(result)
+    return result
 
 
+@journal.guarded("import")
 def import_apps(
     file: str | os.PathLike[str],
     app_ids: Sequence[str] | None = None,
@@ -884,7 +948,9 @@ def import_apps(
     with scratch_directory("import-") as scratch:
         source = TarSource(Path(file), scratch)
         run = _prepare_restore(source, str(file), "import", app_ids, target_root, apps, force)
-        return _run_restore(run, on_progress)
+        result = _run_restore(run, on_progress)
+    _record_in_history(result)
+    return result
 
 
 @dataclass
@@ -1014,6 +1080,7 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield Path(directory, name)
 
 
+@journal.guarded("verify")
 def verify_archive(
     archive_name: str,
     app_ids: Sequence[str] | None = None,
@@ -1058,6 +1125,7 @@ def verify_archive(
                 app_result.healthy_after = time.monotonic() - started
             else:
                 app_result.fail("health", f"health check failed: {outcome.error}")
+    _record_in_history(result)
     return result
 
 
@@ -1147,3 +1215,219 @@ def export_key(repository: Repository | None = None) -> dict[str, str]:
         "passphrase": repository.passphrase() or "",
         "key": engine_for(repository.engine).export_key(repository),
     }
+
+
+# -- repositories ---------------------------------------------------------------------
+# Thin: each asks the repository's engine (see homesafe.engines.base for the contracts).
+
+
+def initialize_repository(repository: Repository) -> bool:
+    """Create ``repository`` when nothing is at its location (True, with a generated
+    passphrase file for a file source that has none); else check that its passphrase
+    opens the repository there (False)."""
+    engine = engine_for(repository.engine)
+    file = repository.passphrase_file
+    generated = file is not None and not file.exists()
+    generate_passphrase(repository)  # a remote probe needs some passphrase to send
+    try:
+        if engine.repository_exists(repository):
+            engine.list_archives(repository)  # raises PassphraseError for a wrong passphrase
+            return False
+        if not repository.is_remote:
+            Path(repository.location).parent.mkdir(parents=True, exist_ok=True)
+        engine.initialize(repository)
+    except PassphraseError as error:
+        if generated and file is not None:
+            file.unlink(missing_ok=True)
+            raise PassphraseError(
+                f"a repository exists already at {repository.location}, and a new "
+                "passphrase cannot open it",
+                hint="Give its passphrase: --passphrase-file, --passphrase-env or --passcommand.",
+            ) from error
+        raise
+    except BaseException:
+        if generated and file is not None:
+            file.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def repository_info(repository: Repository | None = None) -> RepositoryInfo:
+    """Archive count, last archive time, sizes and encryption of the repository."""
+    repository = _existing_repository(repository)
+    return engine_for(repository.engine).repository_info(repository)
+
+
+def check_repository(
+    repository: Repository | None = None,
+    *,
+    verify_data: bool = False,
+    sample_percent: float | None = None,
+) -> CheckReport:
+    """Check the repository; with ``verify_data`` read back all data, with
+    ``sample_percent`` that share of it (restic). Damage is reported, not raised."""
+    repository = _existing_repository(repository)
+    if sample_percent is not None and not 0 < sample_percent <= 100:
+        raise UsageError(f"--sample must be a percentage above 0, not {sample_percent:g}")
+    report = engine_for(repository.engine).check(
+        repository, verify_data=verify_data, sample_percent=sample_percent
+    )
+    _record_job(
+        "check",
+        repository.name,
+        ok=report.ok,
+        error="; ".join(report.problems[:1]),
+        detail=report.to_dict(),
+    )
+    return report
+
+
+def _record_job(
+    operation: str, repository: str, *, ok: bool, error: str, detail: dict[str, Any]
+) -> None:
+    """A repository operation (check, prune) as a job of the history."""
+    from homesafe import history
+
+    history.record_job(
+        operation, repository, status="ok" if ok else "failed", error=error, detail=detail
+    )
+
+
+def prune_repository(
+    repository: Repository | None, policy: RetentionPolicy, *, dry_run: bool = False
+) -> PruneReport:
+    """Delete the archives ``policy`` does not keep and give the space back; the report
+    says which were kept and removed and how many stored bytes that freed."""
+    repository = _existing_repository(repository)
+    if not policy.keeps_anything:
+        raise UsageError(
+            "give at least one of --keep-daily, --keep-weekly, --keep-monthly",
+            hint="A policy that keeps nothing would delete every archive.",
+        )
+    engine = engine_for(repository.engine)
+    before = None if dry_run else engine.repository_info(repository).stored_size
+    report = engine.prune(repository, policy, dry_run=dry_run)
+    if before is not None:
+        report.reclaimed_bytes = before - engine.repository_info(repository).stored_size
+    if not dry_run:
+        _record_job("prune", repository.name, ok=True, error="", detail=report.to_dict())
+    return report
+
+
+def import_key(file: str | os.PathLike[str], repository: Repository | None = None) -> None:
+    """Put a key exported by ``export_key`` back into the repository (borg)."""
+    repository = _existing_repository(repository)
+    engine_for(repository.engine).import_key(repository, Path(file))
+
+
+def change_passphrase(
+    repository: Repository | None = None, new_passphrase: str | None = None
+) -> str:
+    """Re-encrypt the repository key with a new passphrase and return it.
+
+    With a passphrase file, a new random passphrase (unless given) is written next to it
+    first (``<file>.new``, 0600) and moved over it once the engine has switched, so the
+    passphrase that opens the repository is on disk at every moment. With a passphrase
+    from the environment or a command, the caller must give the new one and update
+    that source.
+    """
+    repository = _existing_repository(repository)
+    engine = engine_for(repository.engine)
+    if repository.encryption == "none":
+        raise UsageError(f"repository {repository.name!r} is not encrypted")
+    file = repository.passphrase_file
+    uses_file = not (repository.passphrase_environment or repository.passphrase_command)
+    if not uses_file and new_passphrase is None:
+        raise UsageError(
+            f"the passphrase of {repository.name!r} comes from "
+            f"{repository.passphrase_source()}: give the new one",
+        )
+    new = new_passphrase if new_passphrase is not None else new_passphrase_value()
+    if not uses_file or file is None:
+        engine.change_passphrase(repository, new)
+        return new
+    pending = file.with_name(file.name + ".new")
+    locations.write_secret_file(pending, new + "\n")
+    try:
+        engine.change_passphrase(repository, new)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    os.replace(pending, file)
+    return new
+
+
+def remove_repository(name: str, *, delete_data: bool = False) -> None:
+    """Forget a registered repository; with ``delete_data`` delete it and its archives
+    first, and its passphrase file (under secrets/) after."""
+    repository = get_repository(name)
+    if delete_data:
+        engine_for(repository.engine).destroy(repository)
+    unregister_repository(name)
+    if delete_data:
+        # Only the secrets homesafe made for it: a file the person named stays.
+        if repository.passphrase_file == passphrase_file_for(name):
+            repository.passphrase_file.unlink(missing_ok=True)
+        s3_credentials_file(name).unlink(missing_ok=True)
+
+
+# -- full system ------------------------------------------------------------------------
+# Thin: the work is in homesafe.full (snapshot, borg, new subvolume, default switch).
+
+
+@journal.guarded("full backup")
+def backup_full(
+    subvolume: str | os.PathLike[str] = "/",
+    *,
+    repository: Repository | None = None,
+    archive_name: str | None = None,
+    comment: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    excludes: Sequence[str] | None = None,
+) -> OperationResult:
+    """Back up the whole btrfs subvolume at ``subvolume`` (``/`` by default) from a
+    read-only snapshot, deleted afterwards whatever happens. The archive holds no apps:
+    its paths are relative to the subvolume's root (the original absolute paths for
+    ``/``) and its metadata has scope "full". ``excludes``: directories whose contents
+    are left out (default for ``/``: dev, proc, sys, run, tmp). Returns a
+    :class:`homesafe.full.FullSystemResult`; see :mod:`homesafe.full`."""
+    from homesafe import full
+
+    source = full.source_subvolume(subvolume)  # not a subvolume: raise, change nothing
+    repository = _resolve_repository(repository)
+    _ensure_repository(repository)
+    repository.passphrase()  # fails early, before the snapshot is taken
+    return full.backup_full(
+        source,
+        repository=repository,
+        archive_name=archive_name,
+        comment=comment,
+        on_progress=on_progress,
+        excludes=excludes,
+    )
+
+
+@journal.guarded("full restore")
+def restore_full(
+    archive_name: str,
+    *,
+    repository: Repository | None = None,
+    mount_point: str | os.PathLike[str] = "/",
+    subvolume_name: str | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> OperationResult:
+    """Restore a full-system archive into a new btrfs subvolume next to the one mounted
+    at ``mount_point`` and make it the default subvolume (used from the next mount, the
+    next boot for ``/``); the old subvolume is kept and the result's ``rollback`` and
+    ``notes`` say how to switch back. Returns a :class:`homesafe.full.FullSystemResult`;
+    see :mod:`homesafe.full`."""
+    from homesafe import full
+
+    full.source_subvolume(mount_point)  # not a subvolume: raise, before any engine call
+    return full.restore_full(
+        archive_name,
+        repository=_existing_repository(repository),
+        mount_point=mount_point,
+        subvolume_name=subvolume_name,
+        on_progress=on_progress,
+    )

@@ -61,14 +61,24 @@ def check_name(name: str) -> str:
 
 
 def comment_summary(
-    app_ids: list[str], user_comment: str | None, periods: Sequence[str] = ()
+    app_ids: list[str],
+    user_comment: str | None,
+    periods: Sequence[str] = (),
+    *,
+    scope: str = "apps",
+    subvolume: str | None = None,
 ) -> str:
     """The archive comment: compact JSON with the app ids and the user's comment.
 
     A scheduled archive also lists the schedule ``periods`` it serves (daily, weekly,
-    monthly): retention prunes only archives that have them.
+    monthly): retention prunes only archives that have them. A full-system archive
+    (``scope`` "full") says so, with the ``subvolume`` it holds.
     """
     summary: dict[str, Any] = {"homesafe": METADATA_FORMAT, "apps": app_ids}
+    if scope != "apps":
+        summary["scope"] = scope
+    if subvolume is not None:
+        summary["subvolume"] = subvolume
     if user_comment:
         summary["comment"] = user_comment
     if periods:
@@ -85,6 +95,8 @@ class CommentSummary:
     comment: str = ""
     # The schedule periods a scheduled homesafe archive serves; empty for manual ones.
     periods: list[str] = field(default_factory=list)
+    # "apps", or "full" for a full-system archive (one whole btrfs subvolume).
+    scope: str = "apps"
 
 
 def parse_comment(comment: str) -> CommentSummary:
@@ -101,6 +113,7 @@ def parse_comment(comment: str) -> CommentSummary:
             [str(app) for app in apps] if isinstance(apps, list) else [],
             str(value.get("comment", "")),
             [str(period) for period in periods] if isinstance(periods, list) else [],
+            str(value.get("scope", "apps")),
         )
     return CommentSummary(False, [], comment)
 
@@ -120,11 +133,13 @@ def write_metadata(
 
 
 def build_metadata(
-    *, archive_name: str, comment: str | None, apps: list[dict[str, Any]]
+    *, archive_name: str, comment: str | None, apps: list[dict[str, Any]], scope: str = "apps"
 ) -> dict[str, Any]:
-    """The document stored as ``.homesafe/archive.json``."""
+    """The document stored as ``.homesafe/archive.json``; ``scope`` is "apps", or "full"
+    for a full-system archive (which has no apps)."""
     return {
         "format": METADATA_FORMAT,
+        "scope": scope,
         "homesafe_version": __version__,
         "host": socket.gethostname(),
         "archive": archive_name,

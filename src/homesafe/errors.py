@@ -20,6 +20,7 @@ The tree::
     │   └── RepositoryLockedError
     ├── ServiceError                   a service would not stop, start or report
     ├── HookError                      a pre/post hook failed with on_error = "fail"
+    ├── OperationLockedError           another backup or restore holds this host's lock
     └── OperationFailedError           a backup or restore in which apps failed
 
 Every class carries a message written for the person at the terminal: what is wrong and,
@@ -164,6 +165,11 @@ class ServiceError(HomesafeError):
 
 class HookError(HomesafeError):
     """A hook failed and its app's policy is on_error = "fail"."""
+
+
+class OperationLockedError(HomesafeError):
+    """Another backup, restore, import or verify runs on this host, and it did not
+    finish within the time we were told to wait."""
 
 
 class OperationFailedError(HomesafeError):

@@ -15,19 +15,23 @@ For each path of each app being restored:
 
 A path the archive does not hold (it did not exist at backup time) is moved aside too:
 after a restore, each app's paths are exactly what the archive says.
+
+Every staging area, every rename and every directory made is written to the journal
+(:mod:`homesafe.journal`) before it happens, so that a restore killed half-way is rolled
+back by the next homesafe command: each app back to its previous copy, staging removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homesafe import locations
+from homesafe import journal, locations
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
 from homesafe.errors import HomesafeError
 from homesafe.manifest import is_inside
@@ -59,6 +63,7 @@ class StagingArea:
     device: int
     anchor: Path  # an existing directory on that filesystem
     root: Path | None = None
+    entry: int | None = None  # in the journal
 
     def create(self) -> Path:
         if self.root is None:
@@ -67,15 +72,28 @@ class StagingArea:
             # homesafe's own scratch space when it is on that filesystem, else beside
             # the targets themselves.
             parent = base if os.stat(base).st_dev == self.device else self.anchor
-            self.root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
-            (self.root / "new").mkdir()
-            (self.root / "old").mkdir()
+            # Named before it is made, so that the journal knows it before it exists.
+            root = parent / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+            self.entry = journal.active().record(journal.TEMPORARY_DIRECTORY, {"path": str(root)})
+            root.mkdir(mode=0o700)
+            self.root = root
+            (root / "new").mkdir()
+            (root / "old").mkdir()
         return self.root
 
     def remove(self) -> None:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self.entry is not None and not os.path.lexists(self.root):
+                journal.active().undone(self.entry)
             self.root = None
+            self.entry = None
+
+    def keep(self, reason: str) -> None:
+        """Leave the area where it is, for good: recovery must not remove it."""
+        if self.entry is not None:
+            journal.active().keep(self.entry, reason)
+            self.entry = None
 
 
 @dataclass
@@ -256,6 +274,11 @@ class Swap:
     moved_aside: list[PathPlan] = field(default_factory=list)
     placed: list[PathPlan] = field(default_factory=list)
     created: list[Path] = field(default_factory=list)
+    entries: list[int] = field(default_factory=list)  # in the journal, closed together
+
+    def record(self, kind: str, data: dict[str, object]) -> None:
+        """Journal a change to this app made as part of the swap (closed with it)."""
+        self.entries.append(journal.active().record(kind, {"app": self.app_plan.app_id, **data}))
 
     def apply(self) -> None:
         """Rename each live path aside and each staged path into place.
@@ -266,10 +289,18 @@ class Swap:
             for path_plan in self.app_plan.paths:
                 if os.path.lexists(path_plan.target):
                     path_plan.previous.parent.mkdir(parents=True, exist_ok=True)
+                    self.record(
+                        journal.MOVED_ASIDE,
+                        {"target": str(path_plan.target), "previous": str(path_plan.previous)},
+                    )
                     os.rename(path_plan.target, path_plan.previous)
                     self.moved_aside.append(path_plan)
                 if path_plan.in_archive:
                     self._make_parents(path_plan.target.parent)
+                    self.record(
+                        journal.PLACED,
+                        {"staged": str(path_plan.staged), "target": str(path_plan.target)},
+                    )
                     os.rename(path_plan.staged, path_plan.target)
                     self.placed.append(path_plan)
         except OSError as error:
@@ -285,6 +316,7 @@ class Swap:
             missing.append(directory)
             directory = directory.parent
         for path in reversed(missing):
+            self.record(journal.DIRECTORY_CREATED, {"path": str(path)})
             path.mkdir(mode=0o755)
             self.created.append(path)
 
@@ -297,19 +329,23 @@ class Swap:
             except OSError as error:
                 failures.append(f"{path_plan.target}: {error.strerror}")
         self.placed.clear()
+        # What could not be put back stays listed: its staging area must be kept.
+        still_aside = []
         for path_plan in reversed(self.moved_aside):
             try:
                 os.rename(path_plan.previous, path_plan.target)
             except OSError as error:
+                still_aside.append(path_plan)
                 failures.append(
                     f"{path_plan.target}: {error.strerror} (the previous copy is kept at "
                     f"{path_plan.previous})"
                 )
-        self.moved_aside.clear()
+        self.moved_aside = still_aside
         for directory in reversed(self.created):
             with contextlib.suppress(OSError):
                 directory.rmdir()
         self.created.clear()
+        self._close_entries(f"rollback failed: {'; '.join(failures)}" if failures else None)
         if failures:
             raise RestoreError(
                 f"rolling back {self.app_plan.app_id} failed for: {'; '.join(failures)}",
@@ -318,6 +354,9 @@ class Swap:
 
     def commit(self) -> None:
         """Forget the previous copies: the app has been restored."""
+        # Closed first: a crash while deleting the previous copies must not "roll back"
+        # half-deleted ones over the restored app (recovery then removes the staging).
+        self._close_entries("restore committed")
         for path_plan in self.moved_aside:
             if path_plan.previous.is_dir() and not path_plan.previous.is_symlink():
                 shutil.rmtree(path_plan.previous, ignore_errors=True)
@@ -327,11 +366,31 @@ class Swap:
         self.placed.clear()
         self.created.clear()
 
+    def _close_entries(self, kept_because: str | None) -> None:
+        """Close every journal entry of the swap: undone, or kept for ``kept_because``."""
+        if kept_because is None:
+            journal.active().close(self.entries, "undone", "")
+        else:
+            journal.active().close(self.entries, "kept", kept_because)
+        self.entries.clear()
+
 
 def remove_staging(plans: Iterable[AppPlan], keep_if_unrolled: Iterable[Swap] = ()) -> None:
-    """Remove every staging area, except those still holding previous copies."""
-    keep = {path_plan.area.device for swap in keep_if_unrolled for path_plan in swap.moved_aside}
+    """Remove every staging area, except those still holding previous copies.
+
+    An area holding copies a rollback could not put back is kept for good (the error
+    said where they are). An area of a swap neither committed nor rolled back (an
+    interrupted restore) is left to the journal: recovery puts the previous copies back
+    first, then removes it.
+    """
+    swaps = list(keep_if_unrolled)
+    kept = {plan.area.device for swap in swaps if not swap.entries for plan in swap.moved_aside}
+    unrolled = {plan.area.device for swap in swaps if swap.entries for plan in swap.app_plan.paths}
     for app_plan in plans:
         for path_plan in app_plan.paths:
-            if path_plan.area.device not in keep:
+            if path_plan.area.device in unrolled:
+                continue
+            if path_plan.area.device in kept:
+                path_plan.area.keep("it holds previous copies a rollback could not put back")
+            else:
                 path_plan.area.remove()

@@ -15,13 +15,12 @@ from __future__ import annotations
 import posixpath
 import stat
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from homesafe import archives, execute, locations
+from homesafe import archives, execute, journal, locations
 from homesafe.engines import engine_for
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
 from homesafe.errors import HomesafeError
@@ -51,11 +50,12 @@ class ArchiveSource(Protocol):
 
 @contextmanager
 def scratch_directory(prefix: str) -> Iterator[Path]:
-    """A private temporary directory under ``$HOMESAFE_HOME/tmp``, removed afterwards."""
+    """A private temporary directory under ``$HOMESAFE_HOME/tmp``, removed afterwards
+    (journaled: if homesafe dies meanwhile, the next recovery removes it)."""
     base = locations.ensure_home() / "tmp"
     base.mkdir(exist_ok=True, mode=0o700)
-    with tempfile.TemporaryDirectory(prefix=prefix, dir=base) as directory:
-        yield Path(directory)
+    with journal.temporary_directory(base, prefix) as directory:
+        yield directory
 
 
 def _description_or_error(directory: Path, label: str) -> archives.ArchiveDescription:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from homesafe import api, history, locations, schedules
+from homesafe.engines.base import RetentionPolicy
 from homesafe.status import status
 from tests.conftest import ManifestWriter, requires_program
 
@@ -174,12 +175,25 @@ def test_a_restore_is_recorded_too(apps: Path, tmp_path: Path) -> None:
     backup = api.backup_apps(["alpha"])
     (tmp_path / "target").mkdir()
     restored = api.restore_apps(backup.archive, ["alpha"], target_root=tmp_path / "target")
-    # restore_apps records itself once it calls record_operation; until then, we do.
-    if not history.jobs(operation="restore"):
-        history.record_operation(restored)
     (job,) = history.jobs(operation="restore")
     assert (job.archive, job.status) == (backup.archive, restored.status)
     assert [record.app for record in job.apps] == ["alpha"]
+
+
+def test_verify_check_and_prune_are_recorded(apps: Path) -> None:
+    backup = api.backup_apps(["alpha"])
+    drill = api.verify_archive(backup.archive)
+    (verify_job,) = history.jobs(operation="verify")
+    assert (verify_job.archive, verify_job.status) == (backup.archive, drill.status)
+
+    report = api.check_repository()
+    (check_job,) = history.jobs(operation="check")
+    assert check_job.status == ("ok" if report.ok else "failed")
+
+    api.backup_apps(["alpha"])
+    api.prune_repository(None, RetentionPolicy(keep_daily=1))
+    (prune_job,) = history.jobs(operation="prune")
+    assert prune_job.status == "ok"
 
 
 def test_a_history_that_cannot_be_written_never_fails_the_operation(

@@ -4,6 +4,7 @@ on_error policies, timeouts, and a custom handler in place of borg."""
 from __future__ import annotations
 
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -375,6 +376,54 @@ def test_hanging_hook_is_killed_at_its_timeout_and_services_resume(
     assert errors_of(result, "hung") == [("hook", "backup_pre")]
     assert "1 s" in result.app("hung").errors[0].message
     assert process_state(int(pid_file.read_text())) is None  # killed and reaped
+    assert daemon.is_running()
+    assert lockdown_flags(homesafe_env) == []
+
+
+def test_hanging_python_hook_is_abandoned_at_its_timeout_and_services_resume(
+    homesafe_env: Path, daemon_factory: DaemonFactory
+) -> None:
+    # A Python function cannot be killed: past its timeout it is left running in its
+    # thread, the outcome says so, and the app is resumed all the same.
+    daemon = daemon_factory("stuck")
+    daemon.start()
+    release = threading.Event()
+    returned: list[str] = []
+
+    class Hanging:
+        def backup_pre(self, packet: api.Packet) -> str:
+            release.wait(30)
+            returned.append("late")
+            return "late"
+
+    apps = {
+        "stuck": python_app(
+            {
+                "id": "stuck",
+                "data": {"directories": [str(make_tree(homesafe_env / "srv/stuck", {"s": "s"}))]},
+                "services": [command_service(daemon, "stuck")],
+                "hooks": {"timeout": 1},
+            },
+            Hanging(),
+        )
+    }
+
+    started = time.monotonic()
+    try:
+        result = api.backup_apps(apps=apps)
+        elapsed = time.monotonic() - started
+        assert returned == []  # still hanging when the backup was over
+    finally:
+        release.set()
+
+    assert elapsed < 10, elapsed
+    assert result.status == "failed", describe(result)
+    assert errors_of(result, "stuck") == [("hook", "backup_pre")]
+    outcome = only(result.app("stuck").hooks)
+    assert not outcome.succeeded
+    assert outcome.error is not None
+    assert "did not finish within 1 s" in outcome.error and "abandoned" in outcome.error
+    assert 1 <= outcome.duration < 5
     assert daemon.is_running()
     assert lockdown_flags(homesafe_env) == []
 

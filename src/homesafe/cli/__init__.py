@@ -18,6 +18,7 @@ from homesafe import __version__
 from homesafe.cli.alerts import alerts_group
 from homesafe.cli.apps import apps_group
 from homesafe.cli.archives import archives_group
+from homesafe.cli.full import full_group
 from homesafe.cli.history import history_command, status_command
 from homesafe.cli.key import key_group
 from homesafe.cli.operations import (
@@ -27,6 +28,8 @@ from homesafe.cli.operations import (
     restore_command,
     verify_command,
 )
+from homesafe.cli.recover import guard_operation, recover_command
+from homesafe.cli.repo import repo_group
 from homesafe.cli.schedule import schedule_group
 from homesafe.errors import EXIT_FAILURE, HomesafeError
 
@@ -79,13 +82,16 @@ def main(verbose: int) -> None:
 
 
 main.add_command(apps_group)
-main.add_command(backup_command)
+main.add_command(guard_operation(backup_command))
 main.add_command(archives_group)
-main.add_command(restore_command)
+main.add_command(guard_operation(restore_command))
+main.add_command(full_group)
 main.add_command(export_command)
-main.add_command(import_command)
-main.add_command(verify_command)
+main.add_command(guard_operation(import_command))
+main.add_command(guard_operation(verify_command))
+main.add_command(recover_command)
 main.add_command(key_group)
+main.add_command(repo_group)
 main.add_command(schedule_group)
 main.add_command(history_command)
 main.add_command(status_command)

@@ -7,24 +7,33 @@ from typing import Any
 import click
 
 from homesafe.cli.output import console, human_size, print_json
+from homesafe.cli.repo import repository_option, resolve
 
 
 @click.group("archives", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@repository_option
 @click.pass_context
-def archives_group(context: click.Context, as_json: bool) -> None:
+def archives_group(context: click.Context, as_json: bool, repository_name: str | None) -> None:
     """List, show and delete the archives of the repository (default: list)."""
+    # `archives --repo NAME show X` works as `archives show --repo NAME X` does.
+    context.obj = repository_name
     if context.invoked_subcommand is None:
-        context.invoke(list_command, as_json=as_json)
+        context.invoke(list_command, as_json=as_json, repository_name=repository_name)
+
+
+def _repository_name(own: str | None) -> str | None:
+    return own if own is not None else click.get_current_context().obj
 
 
 @archives_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_command(as_json: bool) -> None:
+@repository_option
+def list_command(as_json: bool, repository_name: str | None) -> None:
     """List archives, oldest first, with the apps each holds."""
     from homesafe import api
 
-    listed = api.list_archives()
+    listed = api.list_archives(resolve(_repository_name(repository_name)))
     if as_json:
         print_json({"archives": [archive.to_dict() for archive in listed]})
         return
@@ -42,13 +51,14 @@ def list_command(as_json: bool) -> None:
 @archives_group.command("show")
 @click.argument("archive")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def show_command(archive: str, as_json: bool) -> None:
+@repository_option
+def show_command(archive: str, as_json: bool, repository_name: str | None) -> None:
     """Show an archive: when, from where, and per app its version, strategy, downtime
     and size. Archives made by the reference distribution are read too."""
     from homesafe import api
     from homesafe.manifest import is_inside
 
-    description, contents = api.read_archive(archive)
+    description, contents = api.read_archive(archive, resolve(_repository_name(repository_name)))
     apps: list[dict[str, Any]] = []
     for app_id, stored in description.apps.items():
         paths = stored.paths if stored.paths is not None else stored.manifest.owned_paths()
@@ -101,11 +111,13 @@ def show_command(archive: str, as_json: bool) -> None:
 @archives_group.command("delete")
 @click.argument("archive_names", nargs=-1, required=True, metavar="ARCHIVE...")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def delete_command(archive_names: tuple[str, ...], yes: bool) -> None:
+@repository_option
+def delete_command(archive_names: tuple[str, ...], yes: bool, repository_name: str | None) -> None:
     """Delete archives and reclaim the space they alone used."""
     from homesafe import api
 
+    repository = resolve(_repository_name(repository_name))
     if not yes:
         click.confirm(f"Delete {len(archive_names)} archive(s) for good?", abort=True)
-    api.delete_archives(archive_names)
+    api.delete_archives(archive_names, repository)
     click.echo(f"Deleted {', '.join(archive_names)}")

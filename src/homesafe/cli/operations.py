@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from homesafe.cli.output import print_json, print_operation, print_preview, progress_bar
+from homesafe.cli.repo import repository_option, resolve
 from homesafe.errors import EXIT_FAILURE
 
 if TYPE_CHECKING:
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
 @click.option("--name", "archive_name", help="Archive name (default: HOST-UTCTIME).")
 @click.option("--dry-run", is_flag=True, help="Show what would be backed up; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@repository_option
 def backup_command(
     app_ids: tuple[str, ...],
     comment: str | None,
     archive_name: str | None,
     dry_run: bool,
     as_json: bool,
+    repository_name: str | None,
 ) -> None:
     """Back up apps (every app when none is named) into one new archive.
 
@@ -60,7 +63,11 @@ def backup_command(
         return
     with progress_bar("backup", enabled=not as_json) as on_progress:
         result = api.backup_apps(
-            app_ids, archive_name=archive_name, comment=comment, on_progress=on_progress
+            app_ids,
+            repository=resolve(repository_name),
+            archive_name=archive_name,
+            comment=comment,
+            on_progress=on_progress,
         )
     _finish(result, as_json)
 
@@ -91,6 +98,7 @@ DRY_RUN_OPTION = click.option(
 @FORCE_OPTION
 @DRY_RUN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@repository_option
 def restore_command(
     archive: str,
     app_ids: tuple[str, ...],
@@ -98,6 +106,7 @@ def restore_command(
     force: bool,
     dry_run: bool,
     as_json: bool,
+    repository_name: str | None,
 ) -> None:
     """Restore apps from ARCHIVE (every app in it when none is named).
 
@@ -109,14 +118,23 @@ def restore_command(
     """
     from homesafe import api
 
+    repository = resolve(repository_name)
     if dry_run:
         _print_preview(
-            api.preview_restore(archive, app_ids, target_root=target_root, force=force), as_json
+            api.preview_restore(
+                archive, app_ids, repository=repository, target_root=target_root, force=force
+            ),
+            as_json,
         )
         return
     with progress_bar("restore", enabled=not as_json) as on_progress:
         result = api.restore_apps(
-            archive, app_ids, target_root=target_root, force=force, on_progress=on_progress
+            archive,
+            app_ids,
+            repository=repository,
+            target_root=target_root,
+            force=force,
+            on_progress=on_progress,
         )
     _finish(result, as_json)
 
@@ -162,7 +180,10 @@ def import_command(
 @click.argument("archive")
 @click.argument("app_ids", nargs=-1, metavar="[APP]...")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify_command(archive: str, app_ids: tuple[str, ...], as_json: bool) -> None:
+@repository_option
+def verify_command(
+    archive: str, app_ids: tuple[str, ...], as_json: bool, repository_name: str | None
+) -> None:
     """Drill a restore: restore ARCHIVE's apps into a sandbox and check they are healthy.
 
     Each app's `setup.health` command runs against the sandbox (its path is in
@@ -171,7 +192,7 @@ def verify_command(archive: str, app_ids: tuple[str, ...], as_json: bool) -> Non
     """
     from homesafe import api
 
-    _finish(api.verify_archive(archive, app_ids), as_json)
+    _finish(api.verify_archive(archive, app_ids, repository=resolve(repository_name)), as_json)
 
 
 def _finish(result: OperationResult, as_json: bool) -> None:
@@ -194,11 +215,12 @@ def _print_preview(preview: RestorePreview, as_json: bool) -> None:
 @click.command("export")
 @click.argument("archive")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def export_command(archive: str, file: Path) -> None:
+@repository_option
+def export_command(archive: str, file: Path, repository_name: str | None) -> None:
     """Write ARCHIVE to FILE as a tar (compressed by suffix: .tar.gz, .tar.xz, ...)."""
     from homesafe import api
 
     if file.exists():
         raise click.UsageError(f"{file} exists already; choose another name")
-    api.export_archive(archive, file)
+    api.export_archive(archive, file, resolve(repository_name))
     click.echo(f"Exported {archive} to {file}")

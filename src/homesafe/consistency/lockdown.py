@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from homesafe import execute, locations
 from homesafe.manifest import Manifest
 
 
-def _flag(app_id: str) -> Any:
+def flag_path(app_id: str) -> Path:
+    """Where the app's lockdown flag is (whether or not it is set)."""
     return locations.lockdown_directory() / app_id
 
 
@@ -27,7 +29,7 @@ def enter(manifest: Manifest, operation: str) -> None:
     directory = locations.lockdown_directory()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     record = {"operation": operation, "pid": os.getpid(), "since": time.time()}
-    _flag(manifest.id).write_text(json.dumps(record))
+    flag_path(manifest.id).write_text(json.dumps(record))
     if manifest.lockdown.enter:
         execute.run(manifest.lockdown.enter, timeout=manifest.hooks.timeout)
 
@@ -41,17 +43,17 @@ def leave(manifest: Manifest) -> None:
         if manifest.lockdown.leave:
             execute.run(manifest.lockdown.leave, timeout=manifest.hooks.timeout)
     finally:
-        _flag(manifest.id).unlink(missing_ok=True)
+        flag_path(manifest.id).unlink(missing_ok=True)
 
 
 def is_locked(app_id: str) -> bool:
-    return bool(_flag(app_id).exists())
+    return bool(flag_path(app_id).exists())
 
 
 def lock_record(app_id: str) -> dict[str, Any] | None:
     """Who locked the app and when, or None when it is not locked."""
     try:
-        value = json.loads(_flag(app_id).read_text())
+        value = json.loads(flag_path(app_id).read_text())
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

@@ -4,15 +4,23 @@ Every handler answers three questions with real commands: is the service running
 for apache, enabled), stop it, start it. :class:`ServiceController` stops a list of
 services in reverse order, remembers exactly which ones it stopped, and starts those
 again, in forward order, when asked: a service that was not running is left alone.
+Given a journal (:class:`ChangeLog`), it writes each stop down before making it and
+closes the entry once the service runs again, so that a homesafe killed meanwhile can be
+recovered from (see :mod:`homesafe.journal`).
+
+What each handler restores is exactly the state it found: it acts only on a service
+that was running (for apache: enabled), and undoes only what it did. A service or site
+that was stopped or disabled stays so; apache is reloaded only when it runs.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from homesafe import execute
 from homesafe.errors import CommandError, ServiceError
@@ -40,6 +48,16 @@ class ServiceHandler(Protocol):
     def stop(self) -> None: ...
 
     def start(self) -> None: ...
+
+
+class ChangeLog(Protocol):
+    """Where a change is written down before it is made (a :class:`homesafe.journal.Journal`)."""
+
+    def record(self, kind: str, data: dict[str, Any]) -> int: ...
+
+    def undone(self, number: int) -> None: ...
+
+    def keep(self, number: int, reason: str) -> None: ...
 
 
 def _run(argv: Sequence[str], environment: dict[str, str] | None = None) -> None:
@@ -179,13 +197,14 @@ class ApacheHandler:
         return ["apache2ctl", "graceful"]
 
     def apache_is_running(self) -> bool:
+        """True when the pid file names a live process (a zombie is not: PID 1 may not
+        reap an apache that has just stopped)."""
         try:
-            with open(self.pid_file) as file:
-                pid = int(file.read().strip())
-            os.kill(pid, 0)
+            pid = int(Path(self.pid_file).read_text().strip())
+            status = Path(f"/proc/{pid}/stat").read_text()
         except (OSError, ValueError):
             return False
-        return True
+        return status.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
 
     def is_running(self) -> bool:
         return execute.succeeds(self.status_argv(), timeout=SERVICE_COMMAND_TIMEOUT)
@@ -243,12 +262,21 @@ def handler_for(service: Service) -> ServiceHandler:
 
 @dataclass
 class ServiceController:
-    """Stops services in reverse order and restarts exactly those, in forward order."""
+    """Stops services in reverse order and restarts exactly those, in forward order.
+
+    With a ``journal``, each stop is recorded (kind ``service_stopped``, with the
+    service as the manifest declares it and ``owner``, the app) before it is made, and
+    the entry is closed when the service has been started again, or when starting it
+    failed (that failure is the caller's to report; recovery does not retry it).
+    """
 
     services: Sequence[Service]
     stopped: list[ServiceHandler] = field(default_factory=list)
     stopped_at: float | None = None
     resumed_at: float | None = None
+    journal: ChangeLog | None = None
+    owner: str = ""
+    _entries: dict[int, int] = field(default_factory=dict)  # id(handler) -> journal entry
 
     def stop_all(self) -> None:
         """Stop every running service, last declared first.
@@ -263,11 +291,14 @@ class ServiceController:
                     continue
                 if self.stopped_at is None:
                     self.stopped_at = time.monotonic()
+                self._record(handler, service)
                 handler.stop()
             except (CommandError, ServiceError) as error:
                 # A failed stop may still have stopped it: then it must be started again.
                 if self.stopped_at is not None and not _still_running(handler):
                     self.stopped.append(handler)
+                else:
+                    self._close(handler)  # it runs: nothing to undo
                 raise ServiceError(f"could not stop {handler.label}: {error}") from error
             self.stopped.append(handler)
 
@@ -282,10 +313,29 @@ class ServiceController:
                 handler.start()
             except (CommandError, ServiceError) as error:
                 failures.append(ServiceError(f"could not start {handler.label}: {error}"))
+                self._close(handler, f"could not start it again: {error}")
+                continue
+            self._close(handler)
         self.stopped.clear()
         if self.stopped_at is not None:
             self.resumed_at = time.monotonic()
         return failures
+
+    def _record(self, handler: ServiceHandler, service: Service) -> None:
+        if self.journal is not None:
+            self._entries[id(handler)] = self.journal.record(
+                "service_stopped",
+                {"app": self.owner, "service": dataclasses.asdict(service), "label": handler.label},
+            )
+
+    def _close(self, handler: ServiceHandler, failure: str | None = None) -> None:
+        entry = self._entries.pop(id(handler), None)
+        if self.journal is None or entry is None:
+            return
+        if failure is None:
+            self.journal.undone(entry)
+        else:
+            self.journal.keep(entry, failure)
 
     @property
     def downtime(self) -> float:

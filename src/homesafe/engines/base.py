@@ -5,10 +5,18 @@ An engine turns homesafe's requests into its own commands: one argv, one
 absolute paths on the live system (or relative ones under ``working_directory``);
 inside archives they are stored without the leading ``/``, and ``extract`` writes them
 below ``target_root``.
+
+Besides archives, an engine looks after its repositories: facts for ``repo show``,
+``check`` (optionally reading back all or a sample of the data), ``prune`` by a
+retention policy with the space given back, keys and passphrase changes. A repository
+locked by a live process is waited for up to ``Repository.lock_wait`` seconds, then
+:class:`~homesafe.errors.RepositoryLockedError`; a lock left by a dead process is
+cleared when the engine can tell it is dead.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +87,91 @@ class ArchiveEntry:
     link_target: str = ""
 
 
+@dataclass
+class RepositoryInfo:
+    """What ``homesafe repo show`` tells about a repository.
+
+    ``stored_size`` is what the repository takes in storage (after deduplication and
+    compression), ``original_size`` the sum of the archives' sizes before that;
+    ``last_archive_time`` is as the engine reports it, empty when there is no archive.
+    """
+
+    archive_count: int
+    last_archive_time: str
+    stored_size: int
+    original_size: int
+    encryption: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "archive_count": self.archive_count,
+            "last_archive_time": self.last_archive_time,
+            "stored_size": self.stored_size,
+            "original_size": self.original_size,
+            "encryption": self.encryption,
+        }
+
+
+@dataclass
+class CheckReport:
+    """The outcome of a repository check: ``problems`` in the engine's words, and the
+    archives they affect (when the engine can tell)."""
+
+    ok: bool
+    verified_data: str  # "none", "all" or "<percent>%"
+    problems: list[str] = field(default_factory=list)
+    affected_archives: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "verified_data": self.verified_data,
+            "problems": self.problems,
+            "affected_archives": self.affected_archives,
+            "duration_seconds": round(self.duration, 3),
+        }
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How many daily, weekly and monthly archives to keep (0: that rule keeps none).
+
+    Each engine applies its own rules, which differ in one point: borg counts an archive
+    kept by one rule for that rule only, restic for every rule it satisfies.
+    """
+
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.keep_daily, self.keep_weekly, self.keep_monthly) < 0:
+            raise ValueError("keep counts cannot be negative")
+
+    @property
+    def keeps_anything(self) -> bool:
+        return self.keep_daily + self.keep_weekly + self.keep_monthly > 0
+
+
+@dataclass
+class PruneReport:
+    """Which archives a prune kept and removed (or would, with ``dry_run``)."""
+
+    kept: list[str]
+    removed: list[str]
+    dry_run: bool
+    reclaimed_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kept": self.kept,
+            "removed": self.removed,
+            "dry_run": self.dry_run,
+            "reclaimed_bytes": self.reclaimed_bytes,
+        }
+
+
 class Engine(Protocol):
     """What homesafe asks of a backup engine."""
 
@@ -97,7 +190,10 @@ class Engine(Protocol):
         working_directory: Path,
         comment: str,
         on_progress: ProgressCallback | None = None,
-    ) -> ArchiveStats: ...
+        timestamp: datetime.datetime | None = None,
+    ) -> ArchiveStats:
+        """Write one archive; ``timestamp`` (default: now) is the time it is filed under."""
+        ...
 
     def list_archives(self, repository: Repository) -> list[ArchiveSummary]: ...
 
@@ -122,3 +218,33 @@ class Engine(Protocol):
     ) -> None: ...
 
     def export_key(self, repository: Repository) -> str: ...
+
+    def repository_info(self, repository: Repository) -> RepositoryInfo: ...
+
+    def check(
+        self,
+        repository: Repository,
+        *,
+        verify_data: bool = False,
+        sample_percent: float | None = None,
+    ) -> CheckReport:
+        """Check the repository's structure and archives; with ``verify_data`` read back
+        every piece of data, with ``sample_percent`` that share of it."""
+        ...
+
+    def prune(
+        self, repository: Repository, policy: RetentionPolicy, *, dry_run: bool = False
+    ) -> PruneReport:
+        """Delete the archives ``policy`` does not keep and give their space back."""
+        ...
+
+    def import_key(self, repository: Repository, file: Path) -> None: ...
+
+    def change_passphrase(self, repository: Repository, new_passphrase: str) -> None:
+        """Re-encrypt the repository key with ``new_passphrase``; the repository's
+        passphrase source still gives the old one during the call."""
+        ...
+
+    def destroy(self, repository: Repository) -> None:
+        """Delete the repository and every archive in it, for good."""
+        ...

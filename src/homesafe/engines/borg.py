@@ -5,14 +5,31 @@ Works with borg 1.2 (Debian bookworm) and 1.4; what differs between versions is 
 ``BORG_PASSPHRASE_FD`` (a pipe), never argv or the environment. ``BORG_BASE_DIR`` is
 ``$HOMESAFE_HOME/borg`` so that borg's cache and security records live with homesafe's
 state. Errors are classified by the ``msgid`` borg logs with ``--log-json``.
+
+Remote repositories (``ssh://user@host[:port]/path``) are reached through ``borg serve``
+on the server, with ``BORG_RSH`` carrying homesafe's own ssh key and known_hosts (see
+:mod:`homesafe.repositories`); when borg only says the connection closed, an ssh probe
+tells an unreachable host, a refused key and a changed host key apart.
+
+Locks: every repository command gets ``--lock-wait`` (the repository's ``lock_wait``).
+borg itself removes a lock whose holder is a dead process of this host; when it still
+times out, homesafe reads the lock of a local repository and runs ``borg break-lock``
+only if every holder is a process of this host that is gone (a zombie counts as gone:
+borg's own check takes it for alive), then tries once more. A live holder makes the
+command fail with a :class:`RepositoryLockedError` naming it.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +40,12 @@ from homesafe.engines.base import (
     ArchiveEntry,
     ArchiveStats,
     ArchiveSummary,
+    CheckReport,
     Progress,
     ProgressCallback,
+    PruneReport,
+    RepositoryInfo,
+    RetentionPolicy,
 )
 from homesafe.errors import (
     ArchiveExistsError,
@@ -36,7 +57,7 @@ from homesafe.errors import (
     RepositoryLockedError,
     RepositoryNotFoundError,
 )
-from homesafe.repositories import Repository
+from homesafe.repositories import Repository, classify_ssh_failure, diagnose_ssh, ssh_options
 
 BORG = "borg"
 BORG_WARNING = 1
@@ -64,7 +85,22 @@ ERRORS_BY_MESSAGE_ID: dict[str, type[EngineError]] = {
     "LockTimeout": RepositoryLockedError,
     "LockFailed": RepositoryLockedError,
     "LockError": RepositoryLockedError,
+    "NotLocked": RepositoryLockedError,
 }
+
+# borg's msgids for a connection to ``borg serve`` that went away: ssh failed, or borg
+# is missing on the server. An ssh probe tells which.
+CONNECTION_MESSAGE_IDS = {
+    "ConnectionClosed",
+    "ConnectionClosedWithHint",
+    "RemoteRepository.RPCError",
+}
+
+# Subcommands that open the repository and so take ``--lock-wait``.
+LOCKING_COMMANDS = {
+    "init", "create", "list", "extract", "delete", "compact", "export-tar", "key", "info",
+    "check", "prune", "break-lock",
+}  # fmt: skip
 
 HINTS: dict[type[EngineError], str] = {
     RepositoryNotFoundError: "Check the repository location; `homesafe backup` creates the "
@@ -138,10 +174,15 @@ def create_argv(
     comment: str,
     *,
     progress: bool,
+    timestamp: datetime.datetime | None = None,
 ) -> list[str]:
     argv = [BORG, "create", "--json", "--log-json"]
     if progress:
         argv.append("--progress")
+    if timestamp is not None:
+        # borg reads a naive time as UTC.
+        utc = timestamp.astimezone(datetime.UTC).replace(tzinfo=None)
+        argv += ["--timestamp", utc.isoformat(timespec="seconds")]
     argv += ["--compression", repository.compression, "--comment", comment]
     argv += ["--", archive_argument(repository, archive_name), *paths]
     return argv
@@ -200,6 +241,52 @@ def key_export_argv(repository: Repository) -> list[str]:
     return [BORG, "key", "export", "--log-json", repository.location]
 
 
+def key_import_argv(repository: Repository, file: Path) -> list[str]:
+    return [BORG, "key", "import", "--log-json", repository.location, str(file)]
+
+
+def change_passphrase_argv(repository: Repository) -> list[str]:
+    return [BORG, "key", "change-passphrase", "--log-json", repository.location]
+
+
+def info_argv(repository: Repository) -> list[str]:
+    return [BORG, "info", "--log-json", "--json", repository.location]
+
+
+def probe_argv(repository: Repository) -> list[str]:
+    """The cheapest call that opens the repository (manifest only, no cache sync)."""
+    return [BORG, "list", "--log-json", "--short", "--last", "1", repository.location]
+
+
+def check_argv(repository: Repository, *, verify_data: bool) -> list[str]:
+    argv = [BORG, "check", "--log-json"]
+    if verify_data:
+        argv.append("--verify-data")
+    return [*argv, repository.location]
+
+
+def prune_argv(repository: Repository, policy: RetentionPolicy, *, dry_run: bool) -> list[str]:
+    argv = [BORG, "prune", "--log-json", "--list"]
+    if dry_run:
+        argv.append("--dry-run")
+    for option, count in (
+        ("--keep-daily", policy.keep_daily),
+        ("--keep-weekly", policy.keep_weekly),
+        ("--keep-monthly", policy.keep_monthly),
+    ):
+        if count:
+            argv += [option, str(count)]
+    return [*argv, repository.location]
+
+
+def break_lock_argv(repository: Repository) -> list[str]:
+    return [BORG, "break-lock", "--log-json", repository.location]
+
+
+def destroy_argv(repository: Repository) -> list[str]:
+    return [BORG, "delete", "--log-json", repository.location]
+
+
 # -- running them -------------------------------------------------------------------
 
 
@@ -215,6 +302,8 @@ def passphrase_pipe(
         "BORG_DISPLAY_PASSPHRASE": "no",
         "BORG_EXIT_CODES": "legacy",
     }
+    if repository.parsed_location.uses_ssh:
+        environment["BORG_RSH"] = shlex.join(["ssh", *ssh_options()])
     passphrase = repository.passphrase()
     if repository.encryption == "none":
         environment["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] = "yes"
@@ -242,16 +331,85 @@ def run_borg(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     working_directory: Path | None = None,
     stdout_path: Path | None = None,
+    environment: dict[str, str] | None = None,
+    secrets: Sequence[str] = (),
 ) -> execute.Completed:
-    """Run one borg command for ``repository``, turning its errors into homesafe's."""
+    """Run one borg command for ``repository``, turning its errors into homesafe's.
+
+    A lock that outlived its (dead, local) holder is broken once and the command run
+    again; see the module docstring.
+    """
+    argv = with_lock_wait(repository, argv)
+    try:
+        return _run_borg_once(
+            repository,
+            argv,
+            accept_warnings,
+            on_record,
+            working_directory,
+            stdout_path,
+            environment,
+            secrets,
+        )
+    except RepositoryLockedError:
+        if not break_stale_lock(repository):
+            raise
+        return _run_borg_once(
+            repository,
+            argv,
+            accept_warnings,
+            on_record,
+            working_directory,
+            stdout_path,
+            environment,
+            secrets,
+        )
+
+
+def with_lock_wait(repository: Repository, argv: list[str]) -> list[str]:
+    """``argv`` with ``--lock-wait`` after the subcommand, for those that lock."""
+    if len(argv) < 2 or argv[1] not in LOCKING_COMMANDS:
+        return argv
+    position = 3 if argv[1] == "key" else 2
+    return [
+        *argv[:position],
+        "--lock-wait",
+        str(max(1, round(repository.lock_wait))),
+        *argv[position:],
+    ]
+
+
+def _run_borg_once(
+    repository: Repository,
+    argv: list[str],
+    accept_warnings: bool,
+    on_record: Callable[[dict[str, Any]], None] | None,
+    working_directory: Path | None,
+    stdout_path: Path | None,
+    extra_environment: dict[str, str] | None,
+    extra_secrets: Sequence[str],
+) -> execute.Completed:
+    extra_environment = extra_environment or {}
+    # A program that does not need a passphrase does not get one (borg's own rule); the
+    # passphrase reaches borg through the pipe only.
+    removed = [
+        name
+        for name in (
+            "BORG_PASSPHRASE",
+            "BORG_PASSCOMMAND",
+            "BORG_NEW_PASSPHRASE",
+            repository.passphrase_environment,
+        )
+        if name and name not in extra_environment
+    ]
     with passphrase_pipe(repository) as (environment, fds, secrets):
         try:
             return execute.run(
                 argv,
-                environment=environment,
-                remove_environment=("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE"),
+                environment={**environment, **extra_environment},
+                remove_environment=removed,
                 pass_fds=fds,
-                secrets=secrets,
+                secrets=[*secrets, *extra_secrets],
                 accept_returncodes=(0, BORG_WARNING) if accept_warnings else (0,),
                 on_record=on_record,
                 working_directory=working_directory,
@@ -259,6 +417,80 @@ def run_borg(
             )
         except CommandError as error:
             raise classify(error, repository) from error
+
+
+def borg_host_id() -> str:
+    """This host as borg names lock holders: ``BORG_HOST_ID``, else ``fqdn@node`` with
+    the fqdn found as borg finds it (its own getfqdn, not Python's)."""
+    configured = os.environ.get("BORG_HOST_ID")
+    if configured:
+        return configured
+    name = socket.gethostname()
+    try:
+        addresses = socket.getaddrinfo(name, None, 0, socket.SOCK_DGRAM, 0, socket.AI_CANONNAME)
+    except OSError:
+        addresses = []
+    fqdn = next((address[3] for address in addresses if address[3]), name)
+    return f"{fqdn}@{uuid.getnode()}"
+
+
+def process_is_gone(pid: int) -> bool:
+    """True when ``pid`` does not exist or is a zombie (dead, not reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return fields[0] in ("Z", "X")
+
+
+def lock_holders(repository: Repository) -> list[tuple[str, int]] | None:
+    """The (host id, pid) of every holder of a local repository's lock; None when it
+    cannot be read (remote repository, no lock)."""
+    if repository.is_remote:
+        return None
+    location = Path(repository.location)
+    holders: list[tuple[str, int]] = []
+    try:
+        roster = json.loads((location / "lock.roster").read_text())
+        for kind in ("exclusive", "shared"):
+            holders += [(str(entry[0]), int(entry[1])) for entry in roster.get(kind, [])]
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        pass
+    exclusive = location / "lock.exclusive"
+    if exclusive.is_dir():
+        for entry in exclusive.iterdir():
+            # "<host id>.<pid>-<thread>"
+            match = re.fullmatch(r"(.+)\.(\d+)-\d+", entry.name)
+            if match:
+                holders.append((match[1], int(match[2])))
+    return sorted(set(holders)) if holders else None
+
+
+def break_stale_lock(repository: Repository) -> bool:
+    """Break the lock of a local repository when every holder is a gone process of this
+    host; True when it did (the caller then tries again)."""
+    holders = lock_holders(repository)
+    if not holders:
+        return False
+    host = borg_host_id()
+    if any(holder_host != host or not process_is_gone(pid) for holder_host, pid in holders):
+        return False
+    _run_borg_once(repository, break_lock_argv(repository), False, None, None, None, None, ())
+    return True
+
+
+def describe_lock(repository: Repository) -> str:
+    holders = lock_holders(repository)
+    if holders is None:
+        if repository.is_remote:
+            return "the lock is on the server"
+        return "the lock holder is unknown"
+    host = borg_host_id()
+    return ", ".join(
+        f"pid {pid} on {'this host' if holder_host == host else holder_host}"
+        + (" (gone)" if holder_host == host and process_is_gone(pid) else "")
+        for holder_host, pid in holders
+    )
 
 
 def classify(error: CommandError, repository: Repository) -> EngineError:
@@ -274,11 +506,18 @@ def classify(error: CommandError, repository: Repository) -> EngineError:
             error_class = PassphraseError
         elif "does not exist" in text and "Repository" in text:
             error_class = RepositoryNotFoundError
+    if error_class is EngineError and repository.parsed_location.uses_ssh:
+        remote = classify_ssh_failure(text, repository)
+        if remote is None and (error.message_ids & CONNECTION_MESSAGE_IDS or not error.message_ids):
+            remote = diagnose_ssh(repository)
+        if remote is not None:
+            return remote
     summary = {
         RepositoryNotFoundError: f"no borg repository at {repository.location}",
         PassphraseError: f"wrong passphrase for repository {repository.name!r}",
         RepositoryExistsError: f"a repository exists already at {repository.location}",
-        RepositoryLockedError: f"repository {repository.name!r} is locked",
+        RepositoryLockedError: f"repository {repository.name!r} is locked by another "
+        f"process ({describe_lock(repository)}); waited {repository.lock_wait:g} s",
     }.get(error_class, f"borg failed on repository {repository.name!r}")
     detail = text.strip() or error.message
     return error_class(f"{summary}: {detail}", hint=HINTS.get(error_class))
@@ -290,8 +529,18 @@ class BorgEngine:
     name = "borg"
 
     def repository_exists(self, repository: Repository) -> bool:
-        location = Path(repository.location)
-        return (location / "config").is_file() and (location / "data").is_dir()
+        """Local: the repository's files are there. Remote: the server opens it (a
+        wrong passphrase still proves it exists)."""
+        if not repository.is_remote:
+            location = Path(repository.location)
+            return (location / "config").is_file() and (location / "data").is_dir()
+        try:
+            run_borg(repository, probe_argv(repository))
+        except RepositoryNotFoundError:
+            return False
+        except PassphraseError:
+            return True
+        return True
 
     def initialize(self, repository: Repository) -> None:
         run_borg(repository, init_argv(repository))
@@ -305,6 +554,7 @@ class BorgEngine:
         working_directory: Path,
         comment: str,
         on_progress: ProgressCallback | None = None,
+        timestamp: datetime.datetime | None = None,
     ) -> ArchiveStats:
         def on_record(record: dict[str, Any]) -> None:
             if on_progress is not None and record.get("type") == "archive_progress":
@@ -325,6 +575,7 @@ class BorgEngine:
                 paths,
                 escape_comment(comment),
                 progress=on_progress is not None,
+                timestamp=timestamp,
             ),
             accept_warnings=True,
             on_record=on_record,
@@ -432,3 +683,125 @@ class BorgEngine:
 
     def export_key(self, repository: Repository) -> str:
         return run_borg(repository, key_export_argv(repository)).stdout
+
+    def repository_info(self, repository: Repository) -> RepositoryInfo:
+        info = json.loads(run_borg(repository, info_argv(repository)).stdout)
+        stats = info.get("cache", {}).get("stats", {})
+        listed = self.list_archives(repository)
+        return RepositoryInfo(
+            archive_count=len(listed),
+            last_archive_time=max((archive.time for archive in listed), default=""),
+            stored_size=int(stats.get("unique_csize", 0)),
+            original_size=int(stats.get("total_size", 0)),
+            encryption=str(info.get("encryption", {}).get("mode", repository.encryption)),
+        )
+
+    def check(
+        self,
+        repository: Repository,
+        *,
+        verify_data: bool = False,
+        sample_percent: float | None = None,
+    ) -> CheckReport:
+        """``borg check``; borg cannot read back a sample, only all data."""
+        if sample_percent is not None:
+            raise EngineError(
+                "borg cannot check a sample of the data",
+                hint="Use --verify-data to read back all of it (restic repositories take "
+                "--sample).",
+            )
+        started = time.monotonic()
+        try:
+            completed = run_borg(
+                repository, check_argv(repository, verify_data=verify_data), accept_warnings=True
+            )
+            records = completed.records
+            ok = completed.returncode == 0
+        except EngineError as error:
+            cause = error.__cause__
+            if type(error) is not EngineError or not isinstance(cause, CommandError):
+                raise
+            # borg check exits 1 or 2 when it finds damage; what it found is in its log.
+            records = _records_of(cause)
+            ok = False
+        problems = [
+            str(record.get("message", "")).strip()
+            for record in records
+            if record.get("type") == "log_message"
+            and record.get("levelname") in ("ERROR", "WARNING", "CRITICAL")
+        ]
+        ok = ok and not problems
+        affected: list[str] = []
+        if not ok:
+            damaged = set(re.findall(r"\b[0-9a-f]{64}\b", "\n".join(problems)))
+            try:
+                affected = [
+                    archive.name
+                    for archive in self.list_archives(repository)
+                    if archive.id in damaged
+                ]
+            except EngineError:
+                affected = []
+        return CheckReport(
+            ok=ok,
+            verified_data="all" if verify_data else "none",
+            problems=problems,
+            affected_archives=affected,
+            duration=time.monotonic() - started,
+        )
+
+    def prune(
+        self, repository: Repository, policy: RetentionPolicy, *, dry_run: bool = False
+    ) -> PruneReport:
+        """``borg prune`` by ``policy``, then ``borg compact`` to give the space back."""
+        if not policy.keeps_anything:
+            raise EngineError("a retention policy that keeps nothing would delete every archive")
+        names = {archive.id: archive.name for archive in self.list_archives(repository)}
+        completed = run_borg(repository, prune_argv(repository, policy, dry_run=dry_run))
+        kept: list[str] = []
+        removed: list[str] = []
+        for message in completed.messages():
+            match = re.search(r"\[([0-9a-f]{64})\]\s*$", message)
+            if not match or match[1] not in names:
+                continue
+            if message.startswith(("Would prune", "Pruning archive")):
+                removed.append(names[match[1]])
+            elif message.startswith(("Keeping archive", "Would keep")):
+                kept.append(names[match[1]])
+        if removed and not dry_run and has_feature("compact"):
+            run_borg(repository, compact_argv(repository))
+        return PruneReport(kept=kept, removed=removed, dry_run=dry_run)
+
+    def import_key(self, repository: Repository, file: Path) -> None:
+        run_borg(repository, key_import_argv(repository, file))
+
+    def change_passphrase(self, repository: Repository, new_passphrase: str) -> None:
+        # borg reads the new passphrase from BORG_NEW_PASSPHRASE only (no fd for it):
+        # the environment of this one child, never argv, and masked in every message.
+        run_borg(
+            repository,
+            change_passphrase_argv(repository),
+            environment={"BORG_NEW_PASSPHRASE": new_passphrase},
+            secrets=[new_passphrase],
+        )
+
+    def destroy(self, repository: Repository) -> None:
+        run_borg(
+            repository,
+            destroy_argv(repository),
+            environment={"BORG_DELETE_I_KNOW_WHAT_I_AM_DOING": "YES"},
+        )
+
+
+def _records_of(error: CommandError) -> list[dict[str, Any]]:
+    """The JSON log records a failed borg call left in its stderr tail."""
+    records = []
+    for line in error.stderr_tail.splitlines():
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+    return records

@@ -1,0 +1,310 @@
+"""homesafe against the raw engine, per engine and location, in one run.
+
+Targets: borg on a local path, borg over ssh (``borg serve`` behind a real sshd on
+127.0.0.1), restic on a local path, restic on S3 (a real SeaweedFS on 127.0.0.1). For
+each, on one generated data set:
+
+* **full**: the first backup of the data set into an empty repository;
+* **unchanged**: another backup of the same data;
+* **5% changed**: a backup after rewriting 5% of the files (the same files for both);
+* **restore**: the latest archive into an empty directory.
+
+The homesafe side is the ``homesafe`` command run as a subprocess (start-up, manifests,
+registry, everything around the engine, the engine, exit): ``backup bench --repo NAME``
+and ``restore ARCHIVE --repo NAME --target-root DIR``. The raw side is the engine command
+homesafe runs, with the same options, into a repository of its own (``borg create
+--compression zstd,3``; ``restic backup --compression auto``; ``borg extract``;
+``restic restore``). The two sides alternate who goes first, and each figure is the
+median of ``--repeats`` runs of the whole sequence (new repositories each time). Caches
+are warm. The ratio target is homesafe / raw <= 1.05. Figures also go to
+``bench/results/engines.json``.
+
+    .venv/bin/python bench/engines.py [--size-mb N] [--repeats N] [--targets a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from random import Random
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from tests.support.s3 import SeaweedS3  # noqa: E402
+from tests.support.sshd import Sshd  # noqa: E402
+
+SEED = 20241126
+HOMESAFE = str(Path(sys.executable).parent / "homesafe")
+TARGETS = ["borg-local", "borg-ssh", "restic-local", "restic-s3"]
+CASES = ["full", "unchanged", "changed", "restore"]
+RESULTS = ROOT / "bench" / "results" / "engines.json"
+TARGET_RATIO = 1.05
+
+
+def make_data(directory: Path, size_mb: int) -> list[Path]:
+    """Deterministic: 70% of the bytes in 4-64 KiB files, 30% in a few 8 MiB ones."""
+    generator = Random(SEED)
+    files = []
+    small_budget = int(size_mb * 0.7 * 1024 * 1024)
+    index = 0
+    while small_budget > 0:
+        size = generator.randint(4096, 65536)
+        path = directory / f"d{index // 100:03d}" / f"f{index:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        half = size // 2
+        path.write_bytes(generator.randbytes(half) + b"text line\n" * (half // 10))
+        files.append(path)
+        small_budget -= size
+        index += 1
+    for big in range(max(1, int(size_mb * 0.3) // 8)):
+        path = directory / "big" / f"big{big}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(generator.randbytes(8 * 1024 * 1024))
+        files.append(path)
+    return files
+
+
+def change_files(files: list[Path], share: float, round_number: int) -> None:
+    generator = Random(SEED + round_number)
+    for path in generator.sample(files, max(1, int(len(files) * share))):
+        data = bytearray(path.read_bytes())
+        for _ in range(4):
+            data[generator.randrange(len(data))] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def timed(argv: list[str], environment: dict[str, str], cwd: Path | None = None) -> float:
+    started = time.monotonic()
+    completed = subprocess.run(
+        argv, env=environment, cwd=cwd, capture_output=True, text=True, check=False
+    )
+    elapsed = time.monotonic() - started
+    if completed.returncode not in (0, 1) or (
+        completed.returncode == 1 and argv[0] in ("restic", HOMESAFE)
+    ):
+        raise SystemExit(f"{shlex.join(argv)} failed:\n{completed.stdout}\n{completed.stderr}")
+    return elapsed
+
+
+class Target:
+    """One engine x location: a homesafe repository and a raw one side by side."""
+
+    def __init__(self, kind: str, work: Path, data: Path, sshd: Sshd | None, s3: SeaweedS3 | None):
+        self.kind = kind
+        self.engine = kind.split("-")[0]
+        self.work = work
+        self.data = data
+        self.sshd = sshd
+        self.s3 = s3
+        self.home = work / "home"
+        config = work / "config" / "apps.d"
+        config.mkdir(parents=True)
+        (config / "bench.toml").write_text(f'id = "bench"\n[data]\ndirectories = ["{data}"]\n')
+        self.environment = {
+            **os.environ,
+            "HOMESAFE_HOME": str(self.home),
+            "HOMESAFE_CONFIG": str(work / "config"),
+            **(s3.environment() if s3 else {}),
+        }
+        self.passphrase = work / "passphrase"
+        self.passphrase.write_text("bench passphrase 0123456789\n")
+        self.passphrase.chmod(0o600)
+        self.archive = ""
+        self.raw_archives = 0
+
+    def location(self, side: str) -> str:
+        path = self.work / f"{side}-repository"
+        if self.kind.endswith("ssh"):
+            assert self.sshd is not None
+            return f"ssh://root@127.0.0.1:{self.sshd.port}{path}"
+        if self.kind.endswith("s3"):
+            assert self.s3 is not None
+            return self.s3.location("bench", f"{self.work.name}-{side}")
+        return str(path)
+
+    def set_up(self) -> None:
+        os.environ.update({"HOMESAFE_HOME": str(self.home)})
+        from homesafe import api, repositories
+
+        if self.kind.endswith("ssh"):
+            assert self.sshd is not None
+            self.sshd.authorize(repositories.ensure_client_key())
+            key_type, key = self.sshd.host_key_line().split()
+            repositories.trust_host(
+                repositories.parse_location(self.location("homesafe")),
+                fingerprint=repositories.HostKey("", key_type, key).fingerprint,
+            )
+        repository = repositories.Repository(
+            name="bench",
+            location=self.location("homesafe"),
+            engine=self.engine,
+            encryption=repositories.DEFAULT_ENCRYPTIONS[self.engine],
+            passphrase_file=self.passphrase,
+            compression=repositories.DEFAULT_COMPRESSIONS[self.engine],
+        )
+        if self.s3:
+            os.environ.update(self.s3.environment())
+        api.initialize_repository(repository)
+        repositories.register(repository)
+        self.raw_environment = {
+            **self.environment,
+            "BORG_BASE_DIR": str(self.work / "raw-borg"),
+            "BORG_PASSCOMMAND": f"cat {self.passphrase}",
+            "RESTIC_PASSWORD_FILE": str(self.passphrase),
+            "RESTIC_CACHE_DIR": str(self.work / "raw-restic-cache"),
+        }
+        if self.kind.endswith("ssh"):
+            self.raw_environment["BORG_RSH"] = shlex.join(["ssh", *repositories.ssh_options()])
+        if self.engine == "borg":
+            self.raw(["borg", "init", "--encryption", "repokey-blake2", self.location("raw")])
+        else:
+            self.raw(["restic", "init", "-r", self.location("raw"), "--repository-version", "2"])
+
+    def raw(self, argv: list[str], cwd: Path | None = None) -> float:
+        return timed(argv, self.raw_environment, cwd)
+
+    def homesafe_backup(self) -> float:
+        started = time.monotonic()
+        completed = subprocess.run(
+            [HOMESAFE, "backup", "bench", "--repo", "bench", "--json"],
+            env=self.environment, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        if completed.returncode != 0:
+            raise SystemExit(f"homesafe backup failed:\n{completed.stdout}\n{completed.stderr}")
+        self.archive = json.loads(completed.stdout)["archive"]
+        return elapsed
+
+    def raw_backup(self) -> float:
+        self.raw_archives += 1
+        name = f"raw-{self.raw_archives}"
+        if self.engine == "borg":
+            return self.raw(
+                ["borg", "create", "--json", "--log-json", "--compression", "zstd,3",
+                 "--comment", '{{"homesafe":1,"apps":["bench"]}}',  # braces doubled, as homesafe
+                 f"{self.location('raw')}::{name}", str(self.data)]
+            )  # fmt: skip
+        return self.raw(
+            ["restic", "backup", "-r", self.location("raw"), "--json", "--compression", "auto",
+             "--tag", f"homesafe.name={name}", str(self.data)]
+        )  # fmt: skip
+
+    def homesafe_restore(self, target: Path) -> float:
+        target.mkdir()
+        return timed(
+            [HOMESAFE, "restore", self.archive, "--repo", "bench", "--target-root", str(target)],
+            self.environment,
+        )
+
+    def raw_restore(self, target: Path) -> float:
+        target.mkdir()
+        name = f"raw-{self.raw_archives}"
+        if self.engine == "borg":
+            return self.raw(["borg", "extract", f"{self.location('raw')}::{name}"], cwd=target)
+        return self.raw(
+            ["restic", "restore", "-r", self.location("raw"), "latest", "--tag",
+             f"homesafe.name={name}", "--target", str(target)]
+        )  # fmt: skip
+
+
+def run_once(
+    kind: str, data: Path, files: list[Path], work: Path, sshd: Sshd | None,
+    s3: SeaweedS3 | None, round_number: int,
+) -> dict[str, tuple[float, float]]:  # fmt: skip
+    target = Target(kind, work, data, sshd, s3)
+    target.set_up()
+    figures: dict[str, tuple[float, float]] = {}
+    homesafe_first = round_number % 2 == 0
+
+    def pair(homesafe: Callable[[], float], raw: Callable[[], float]) -> tuple[float, float]:
+        if homesafe_first:
+            first = homesafe()
+            return first, raw()
+        second = raw()
+        return homesafe(), second
+
+    figures["full"] = pair(target.homesafe_backup, target.raw_backup)
+    figures["unchanged"] = pair(target.homesafe_backup, target.raw_backup)
+    change_files(files, 0.05, round_number)
+    figures["changed"] = pair(target.homesafe_backup, target.raw_backup)
+    figures["restore"] = pair(
+        lambda: target.homesafe_restore(work / "restore-homesafe"),
+        lambda: target.raw_restore(work / "restore-raw"),
+    )
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    arguments = parser.parse_args()
+    targets = arguments.targets.split(",")
+    with tempfile.TemporaryDirectory(prefix="homesafe-bench-engines-") as scratch:
+        base = Path(scratch)
+        data = base / "data"
+        files = make_data(data, arguments.size_mb)
+        size = sum(path.stat().st_size for path in files)
+        sshd = s3 = None
+        try:
+            if "borg-ssh" in targets:
+                sshd = Sshd(base / "sshd")
+                sshd.start()
+            if "restic-s3" in targets:
+                s3 = SeaweedS3(base / "weed")
+                s3.start()
+            runs: dict[str, list[dict[str, tuple[float, float]]]] = {kind: [] for kind in targets}
+            for round_number in range(arguments.repeats):
+                for kind in targets:
+                    work = base / f"{kind}-{round_number}"
+                    work.mkdir()
+                    runs[kind].append(run_once(kind, data, files, work, sshd, s3, round_number))
+                    shutil.rmtree(work, ignore_errors=True)
+        finally:
+            if sshd is not None:
+                sshd.close()
+            if s3 is not None:
+                s3.close()
+    table = {}
+    print(f"data set: {len(files)} files, {size / 1e6:.0f} MB; median of {arguments.repeats}")
+    print(f"{'target':<13} {'case':<10} {'homesafe s':>10} {'raw s':>8} {'ratio':>6}")
+    for kind, rounds in runs.items():
+        table[kind] = {}
+        for case in CASES:
+            homesafe = statistics.median(run[case][0] for run in rounds)
+            raw = statistics.median(run[case][1] for run in rounds)
+            ratio = homesafe / raw if raw else float("inf")
+            table[kind][case] = {"homesafe": homesafe, "raw": raw, "ratio": ratio}
+            flag = "" if ratio <= TARGET_RATIO else "  (over target)"
+            print(f"{kind:<13} {case:<10} {homesafe:10.2f} {raw:8.2f} {ratio:6.2f}{flag}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "size_bytes": size,
+                "files": len(files),
+                "repeats": arguments.repeats,
+                "target_ratio": TARGET_RATIO,
+                "results": table,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1290 @@
+"""How long `homesafe restore` takes: selective against full, and against raw `borg extract`.
+
+What is measured, in one run, on one generated data set backed up (untimed) by one
+``homesafe backup`` into one archive holding two apps:
+
+* **large**: the default 500 MiB app: thousands of small files (1-16 KiB, half random,
+  half text) in nested directories, a few large incompressible and a few large
+  compressible files;
+* **small**: a ~5 MiB app of a few hundred files (1-32 KiB, half random, half text).
+
+Each app is declared by a manifest of its own in ``$HOMESAFE_CONFIG/apps.d``;
+``HOMESAFE_HOME`` and ``HOMESAFE_CONFIG`` are in the work directory. Timed, each as the
+wall clock (``time.monotonic``) of one whole subprocess (interpreter start-up, imports,
+everything homesafe does around borg, the borg calls, process exit):
+
+* **full restore, live**: ``homesafe restore ARCHIVE`` (both apps) into the live
+  system, over live data damaged just before (untimed): a third of the small files
+  deleted, the large files truncated to half, the start of some files overwritten, a
+  stray file added. homesafe extracts everything into a staging area next to the
+  targets, verifies it, renames the damaged paths aside and the staged ones into place,
+  then removes the damaged copies: that removal is part of its time.
+* **raw extract, all paths**: ``borg extract`` of the same archive, every path, into an
+  *empty* directory on the same filesystem, with what homesafe gives borg: the same
+  repository, ``BORG_BASE_DIR=$HOMESAFE_HOME/borg``, the passphrase through
+  ``BORG_PASSPHRASE_FD`` (a pipe), ``--lock-wait 60 --log-json``. An empty directory
+  means borg has nothing to replace or remove, so the next case is the fair one:
+* **full restore, empty root**: ``homesafe restore ARCHIVE --target-root DIR`` (both
+  apps) into an empty directory: the same work as the raw extract plus homesafe's own
+  (the description and listing calls, staging, verification, renames).
+* **selective restore**: ``homesafe restore ARCHIVE small`` (live, over the small app's
+  damaged data), set against the full live restore: the time of a selective restore
+  should grow with the app restored, not with the archive holding it.
+* **raw extract, small app**: ``borg extract`` of the small app's paths only, for
+  reference (what borg alone needs to pick one app out of the archive).
+
+Every timed run is checked afterwards (untimed): the restored trees must have the
+digest (paths, sizes, contents) of the generated data. Before each timed run, the dirty
+pages are written out, the benchmark waits (up to ``--quiet-wait`` seconds) for the rest
+of the machine to be nearly idle, and the page cache is dropped when
+``/proc/sys/vm/drop_caches`` is writable (run as root), else the runs are reported as
+warm. The CPU time the rest of the machine used during each run (other processes, kernel
+threads) is recorded next to it, to tell a noisy run from a slow one. The order of the
+cases is reversed every other repeat, so homesafe and raw borg alternate; each figure is
+the median of its repeats, with the min-max.
+
+Targets: full restore / raw extract <= 1.10 (both full restore cases); selective / full
+restore <= 0.25 (the small app holds ~1 % of the archive: a selective restore that grew
+with the archive would come near 1, while its floor is homesafe's start-up and three borg
+calls). ``--profile`` then breaks down full live restores (start-up, imports, journal,
+the description and listing calls, staging, verification, renames, fsyncs, removals,
+exit), each against a raw extract timed right after it.
+
+The figures are printed as a table and written as JSON to ``bench/results/restore.json``;
+``--check`` exits 1 when a target is missed. Only the standard library is used.
+
+    .venv/bin/python bench/restore.py [--size-mb N] [--small-mb N] [--repeats N]
+        [--work-dir DIR] [--keep] [--check] [--profile] [--quiet-wait SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from random import Random
+from typing import Any
+
+KIBIBYTE = 1024
+MEBIBYTE = 1024 * KIBIBYTE
+SEED = 20240611
+ARCHIVE_NAME = "bench-restore"
+LARGE_APP = "large"
+SMALL_APP = "small"
+MARKER_FILE = ".homesafe-bench-restore"
+STRAY_FILE = "stray-after-backup.txt"
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "restore.json"
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+FULL_RATIO_TARGET = 1.10
+SELECTIVE_RATIO_TARGET = 0.25
+# Before each timed run, wait (up to --quiet-wait seconds) until the rest of the machine
+# uses less than QUIET_CPUS over a QUIET_SAMPLE_SECONDS sample.
+QUIET_CPUS = 0.25
+QUIET_SAMPLE_SECONDS = 1.0
+
+# What homesafe gives borg besides the archive and the paths (see engines/borg.py).
+BORG_ENVIRONMENT = {
+    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
+    "BORG_DISPLAY_PASSPHRASE": "no",
+    "BORG_EXIT_CODES": "legacy",
+}
+PASSPHRASE_VARIABLES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE")
+BORG_LOCK_WAIT = "60"  # the default repository's lock_wait, as homesafe passes it
+# borg polls the mutex of its lock roster every lock_wait / 10 seconds (the default of its
+# TimeoutTimer): of two borg processes opening the repository at the same instant, one
+# may sleep that long. --profile flags runs whose description or listing call took so long.
+BORG_LOCK_POLL_SECONDS = int(BORG_LOCK_WAIT) / 10
+BORG_WARNING = 1
+
+WORDS = (
+    "request",
+    "accepted",
+    "rejected",
+    "worker",
+    "queue",
+    "session",
+    "token",
+    "cache",
+    "miss",
+    "hit",
+    "upstream",
+    "timeout",
+    "retry",
+    "database",
+    "index",
+    "vacuum",
+    "checkpoint",
+    "replica",
+    "primary",
+    "user",
+    "login",
+    "logout",
+    "upload",
+    "download",
+    "thumbnail",
+    "calendar",
+    "contact",
+    "note",
+    "folder",
+    "share",
+    "sync",
+    "conflict",
+)
+LEVELS = ("DEBUG", "INFO", "INFO", "INFO", "WARNING", "ERROR")
+
+
+# -- the work directory and the data set ---------------------------------------------
+
+
+@dataclass
+class Workspace:
+    """Where one benchmark run keeps its data, homesafe's state and its scratch dirs."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def homesafe_home(self) -> Path:
+        return self.root / "homesafe" / "home"
+
+    @property
+    def homesafe_config(self) -> Path:
+        return self.root / "homesafe" / "config"
+
+    @property
+    def apps_directory(self) -> Path:
+        return self.homesafe_config / "apps.d"
+
+    @property
+    def repository(self) -> Path:
+        """homesafe's default repository (created by its first backup)."""
+        return self.homesafe_home / "repository"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.homesafe_home / "secrets" / "default.passphrase"
+
+    @property
+    def borg_base(self) -> Path:
+        return self.homesafe_home / "borg"
+
+    @property
+    def scratch(self) -> Path:
+        """Empty directories for raw extracts and target roots (same filesystem)."""
+        return self.root / "scratch"
+
+
+@dataclass
+class AppData:
+    """One app's directories and what they hold when intact."""
+
+    app_id: str
+    directories: list[Path]
+    files: int = 0
+    bytes: int = 0
+    digest: str = ""
+
+    @property
+    def archive_paths(self) -> list[str]:
+        return [str(directory).lstrip("/") for directory in self.directories]
+
+    def summary(self) -> dict[str, Any]:
+        return {"files": self.files, "bytes": self.bytes, "digest": self.digest}
+
+
+def app_data(workspace: Workspace) -> dict[str, AppData]:
+    large = workspace.data / LARGE_APP
+    return {
+        LARGE_APP: AppData(LARGE_APP, [large / "files", large / "media", large / "journals"]),
+        SMALL_APP: AppData(SMALL_APP, [workspace.data / SMALL_APP]),
+    }
+
+
+def text_bytes(generator: Random, size: int, first_line: int = 0) -> bytes:
+    """Log-like lines: each one different, all of them very compressible."""
+    lines = []
+    written = 0
+    number = first_line
+    while written < size:
+        words = " ".join(generator.choices(WORDS, k=generator.randint(3, 9)))
+        line = (
+            f"2024-06-{1 + number // 86400 % 28:02d}T{number // 3600 % 24:02d}:"
+            f"{number // 60 % 60:02d}:{number % 60:02d}Z {generator.choice(LEVELS)} "
+            f"worker-{generator.randint(1, 16)} id={number} {words}\n"
+        )
+        lines.append(line)
+        written += len(line)
+        number += 1
+    return "".join(lines).encode()[:size]
+
+
+def write_small_files(
+    generator: Random, root: Path, count: int, largest: int, per_directory: int
+) -> int:
+    """``count`` files of 1 KiB to ``largest`` bytes, half random, half text; bytes written."""
+    written = 0
+    for index in range(count):
+        directory = (
+            root
+            / f"group-{index // (5 * per_directory):02d}"
+            / f"batch-{index // per_directory % 5}"
+        )
+        if index % per_directory == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        size = generator.randint(KIBIBYTE, largest)
+        if index % 2:
+            content = generator.randbytes(size)
+            path = directory / f"blob-{index:05d}.bin"
+        else:
+            content = text_bytes(generator, size, first_line=index * 1000)
+            path = directory / f"note-{index:05d}.txt"
+        path.write_bytes(content)
+        written += size
+    return written
+
+
+def write_large_file(path: Path, size: int, make_chunk: Callable[[int, int], bytes]) -> None:
+    with path.open("wb") as stream:
+        offset = 0
+        while offset < size:
+            chunk = make_chunk(min(4 * MEBIBYTE, size - offset), offset)
+            stream.write(chunk)
+            offset += len(chunk)
+
+
+def generate_large_app(app: AppData, size_mb: int, small_files: int) -> None:
+    generator = Random(SEED)
+    budget = size_mb * MEBIBYTE
+    # Small files get at most half of the budget (their mean size is 8.5 KiB).
+    small_files = min(small_files, budget // 2 // (8 * KIBIBYTE + KIBIBYTE // 2))
+    files_root, media_root, journals_root = app.directories
+    files_root.mkdir(parents=True)
+    small_bytes = write_small_files(generator, files_root, small_files, 16 * KIBIBYTE, 50)
+    remaining = max(budget - small_bytes, 0)
+    large_file_count = 4
+    incompressible_size = remaining // 2 // large_file_count
+    compressible_size = (remaining - remaining // 2) // large_file_count
+    media_root.mkdir(parents=True)
+    journals_root.mkdir(parents=True)
+    for index in range(large_file_count):
+        write_large_file(
+            media_root / f"media-{index}.bin",
+            incompressible_size,
+            lambda size, _offset: generator.randbytes(size),
+        )
+        write_large_file(
+            journals_root / f"journal-{index}.log",
+            compressible_size,
+            lambda size, offset: text_bytes(generator, size, first_line=offset // 64),
+        )
+
+
+def generate_small_app(app: AppData, small_mb: int) -> None:
+    generator = Random(SEED + 1)
+    # Files of 1-32 KiB: 16.5 KiB on average.
+    count = max(small_mb * MEBIBYTE // (16 * KIBIBYTE + KIBIBYTE // 2), 10)
+    (root,) = app.directories
+    root.mkdir(parents=True)
+    write_small_files(generator, root, count, 32 * KIBIBYTE, 20)
+
+
+def tree_digest(root: Path) -> tuple[int, int, str]:
+    """Files, bytes and a digest of the names, sizes and contents below ``root``."""
+    digest = hashlib.blake2b(digest_size=16)
+    files = total = 0
+    if not root.is_dir():
+        return 0, 0, "missing"
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories.sort()
+        relative = os.path.relpath(directory, root)
+        digest.update(f"d {relative}\n".encode())
+        for name in sorted(names):
+            path = os.path.join(directory, name)
+            size = os.lstat(path).st_size
+            digest.update(f"f {relative}/{name} {size}\n".encode())
+            with open(path, "rb") as stream:
+                while chunk := stream.read(MEBIBYTE):
+                    digest.update(chunk)
+            files += 1
+            total += size
+    return files, total, digest.hexdigest()
+
+
+def app_digest(app: AppData, below: Path = Path("/")) -> tuple[int, int, str]:
+    """The app's files, bytes and digest, its directories read below ``below``."""
+    files = total = 0
+    digest = hashlib.blake2b(digest_size=16)
+    for directory in app.directories:
+        counted, size, tree = tree_digest(below / str(directory).lstrip("/"))
+        files += counted
+        total += size
+        digest.update(f"{directory} {tree}\n".encode())
+    return files, total, digest.hexdigest()
+
+
+def generate_data_set(
+    workspace: Workspace, size_mb: int, small_files: int, small_mb: int
+) -> tuple[dict[str, AppData], bool]:
+    """Write both apps' data (or reuse the intact data already there); True if reused."""
+    apps = app_data(workspace)
+    wanted = {
+        "size_mb": size_mb,
+        "small_files": small_files,
+        "small_mb": small_mb,
+        "seed": SEED,
+        "format": 1,
+    }
+    marker = workspace.data / MARKER_FILE
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if recorded.get("parameters") == wanted:
+            for app in apps.values():
+                summary = recorded["apps"][app.app_id]
+                app.files, app.bytes, app.digest = (
+                    summary["files"],
+                    summary["bytes"],
+                    summary["digest"],
+                )
+            # A kept work directory may hold damaged data (an interrupted run).
+            if all(app_digest(app)[2] == app.digest for app in apps.values()):
+                return apps, True
+    if workspace.data.exists():
+        shutil.rmtree(workspace.data)
+    workspace.data.mkdir(parents=True)
+    generate_large_app(apps[LARGE_APP], size_mb, small_files)
+    generate_small_app(apps[SMALL_APP], small_mb)
+    for app in apps.values():
+        app.files, app.bytes, app.digest = app_digest(app)
+    marker.write_text(
+        json.dumps(
+            {
+                "parameters": wanted,
+                "apps": {app.app_id: app.summary() for app in apps.values()},
+            }
+        )
+    )
+    return apps, False
+
+
+def write_manifest(workspace: Workspace, app: AppData) -> Path:
+    """Declare the app owning its directories (mode 0644: homesafe as root checks it)."""
+    workspace.apps_directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(workspace.apps_directory, 0o755)
+    listed = ", ".join(json.dumps(str(directory)) for directory in app.directories)
+    path = workspace.apps_directory / f"{app.app_id}.toml"
+    path.write_text(
+        f'id = "{app.app_id}"\nname = "Benchmark data ({app.app_id})"\n\n'
+        f"[data]\ndirectories = [{listed}]\n"
+    )
+    os.chmod(path, 0o644)
+    return path
+
+
+def damage(app: AppData) -> None:
+    """Damage an intact app the same way every time, so that each restore has the same
+    real work: a third of its small files deleted, its large files truncated to half,
+    the first KiB of some others overwritten, a stray file added."""
+    for directory in app.directories:
+        files = sorted(path for path in directory.rglob("*") if path.is_file())
+        for index, path in enumerate(files):
+            size = path.stat().st_size
+            if size >= MEBIBYTE:
+                os.truncate(path, size // 2)
+            elif index % 3 == 0:
+                path.unlink()
+            elif index % 7 == 1:
+                with path.open("r+b") as stream:
+                    stream.write(bytes(min(KIBIBYTE, size)))
+        (directory / STRAY_FILE).write_text("not in the archive\n")
+
+
+# -- running homesafe and raw borg ---------------------------------------------------
+
+
+def drop_page_cache() -> bool:
+    """Write dirty pages out and drop the page cache; False when not allowed."""
+    os.sync()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (all CPUs, steal included)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields)
+    busy = user + nice + system + irq + softirq + steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def wait_for_quiet(limit: float) -> float:
+    """Wait, up to ``limit`` seconds, until the rest of the machine is nearly idle (less
+    than QUIET_CPUS busy over a sample); returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        busy, own = busy_cpu_seconds(), own_cpu_seconds()
+        time.sleep(QUIET_SAMPLE_SECONDS)
+        others = busy_cpu_seconds() - busy - (own_cpu_seconds() - own)
+        if others < QUIET_CPUS * QUIET_SAMPLE_SECONDS:
+            break
+    return time.monotonic() - started
+
+
+def homesafe_environment(workspace: Workspace) -> dict[str, str]:
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("BORG_")
+    }
+    environment["HOMESAFE_HOME"] = str(workspace.homesafe_home)
+    environment["HOMESAFE_CONFIG"] = str(workspace.homesafe_config)
+    return environment
+
+
+def raw_environment(workspace: Workspace) -> dict[str, str]:
+    environment = {
+        name: value for name, value in os.environ.items() if name not in PASSPHRASE_VARIABLES
+    }
+    environment.update(BORG_ENVIRONMENT)
+    environment["BORG_BASE_DIR"] = str(workspace.borg_base)
+    return environment
+
+
+def describe_failure(argv: list[str], completed: subprocess.CompletedProcess[bytes]) -> str:
+    output = (completed.stdout or b"").decode(errors="replace")[-2000:]
+    errors = (completed.stderr or b"").decode(errors="replace")[-2000:]
+    return f"{' '.join(argv)} exited with {completed.returncode}\n{output}\n{errors}"
+
+
+@dataclass
+class Runner:
+    """Runs homesafe and raw borg against one workspace; each call returns seconds."""
+
+    workspace: Workspace
+    homesafe: str
+
+    def homesafe_command(self, arguments: list[str]) -> float:
+        argv = [self.homesafe, *arguments]
+        started = time.monotonic()
+        completed = subprocess.run(
+            argv,
+            env=homesafe_environment(self.workspace),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+        if completed.returncode != 0:
+            raise RuntimeError(describe_failure(argv, completed))
+        return elapsed
+
+    def backup(self) -> float:
+        return self.homesafe_command(["backup", "--name", ARCHIVE_NAME])
+
+    def restore(self, app_ids: list[str], target_root: Path | None = None) -> float:
+        arguments = ["restore", ARCHIVE_NAME, *app_ids]
+        if target_root is not None:
+            arguments += ["--target-root", str(target_root)]
+        return self.homesafe_command(arguments)
+
+    def raw_extract(self, into: Path, paths: list[str]) -> float:
+        """``borg extract`` into ``into`` as homesafe would run it (paths: all if empty)."""
+        argv = [
+            "borg",
+            "extract",
+            "--lock-wait",
+            BORG_LOCK_WAIT,
+            "--log-json",
+            "--",
+            f"{self.workspace.repository}::{ARCHIVE_NAME}",
+            *paths,
+        ]
+        passphrase = self.workspace.passphrase_file.read_text().rstrip("\n")
+        started = time.monotonic()
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, passphrase.encode())
+            os.close(write_end)
+            environment = raw_environment(self.workspace)
+            environment["BORG_PASSPHRASE_FD"] = str(read_end)
+            completed = subprocess.run(
+                argv,
+                env=environment,
+                cwd=into,
+                pass_fds=(read_end,),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
+            )
+        finally:
+            os.close(read_end)
+        elapsed = time.monotonic() - started
+        if completed.returncode not in (0, BORG_WARNING):
+            raise RuntimeError(describe_failure(argv, completed))
+        return elapsed
+
+
+# -- the cases -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    side: str  # "homesafe" or "raw"
+
+
+CASES = (
+    Case("full_live", "homesafe restore, both apps, live", "homesafe"),
+    Case("raw_full", "raw borg extract, all paths", "raw"),
+    Case("full_empty_root", "homesafe restore, both apps, empty root", "homesafe"),
+    Case("selective", "homesafe restore small, live", "homesafe"),
+    Case("raw_small", "raw borg extract, small app's paths", "raw"),
+)
+# (case, reference case, limit): the case's median / the reference's median <= limit.
+TARGETS = (
+    ("full_live", "raw_full", FULL_RATIO_TARGET),
+    ("full_empty_root", "raw_full", FULL_RATIO_TARGET),
+    ("selective", "full_live", SELECTIVE_RATIO_TARGET),
+)
+# Ratios shown for reference, without a target.
+REFERENCES = {"raw_small": "raw_full"}
+
+
+@dataclass
+class Sample:
+    """One timed run: its seconds, and what else happened on the machine meanwhile."""
+
+    seconds: float
+    cold: bool
+    # CPU seconds used outside the timed process tree during the run: other processes
+    # and kernel threads (the writeback of the run's own writes included).
+    others_cpu: float
+    waited: float  # seconds waited for a quiet machine before the run
+
+    def describe(self) -> str:
+        return (
+            f"{self.seconds:8.3f} s ({'cold' if self.cold else 'warm'} page cache, "
+            f"others {self.others_cpu:.2f} CPU-s, waited {self.waited:.0f} s)"
+        )
+
+
+@dataclass
+class Timing:
+    """The runs of one case."""
+
+    case: Case
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> list[float]:
+        return [sample.seconds for sample in self.samples]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def others_cpu_median(self) -> float:
+        return statistics.median(sample.others_cpu for sample in self.samples)
+
+
+@dataclass
+class Bench:
+    """Prepares, times and checks each case; every timed run starts from the same state."""
+
+    runner: Runner
+    apps: dict[str, AppData]
+    drop_caches: bool
+    quiet_wait: float
+    cold_runs: int = 0
+    warm_runs: int = 0
+
+    @property
+    def workspace(self) -> Workspace:
+        return self.runner.workspace
+
+    def timed(self, run: Callable[[], float]) -> Sample:
+        # The preparation's dirty pages are written out first, not during the run.
+        os.sync()
+        waited = wait_for_quiet(self.quiet_wait)
+        cold = self.drop_caches and drop_page_cache()
+        if cold:
+            self.cold_runs += 1
+        else:
+            self.warm_runs += 1
+        busy, own = busy_cpu_seconds(), own_cpu_seconds()
+        seconds = run()
+        others = busy_cpu_seconds() - busy - (own_cpu_seconds() - own)
+        return Sample(seconds, cold, max(others, 0.0), waited)
+
+    def check(self, app_ids: list[str], below: Path = Path("/")) -> None:
+        """Each app's tree below ``below`` is exactly what was backed up."""
+        for app_id in app_ids:
+            app = self.apps[app_id]
+            found = app_digest(app, below)
+            if found != (app.files, app.bytes, app.digest):
+                raise RuntimeError(
+                    f"{app_id} below {below} is not what was backed up: {found[0]} files, "
+                    f"{found[1]} bytes (expected {app.files} files, {app.bytes} bytes)"
+                )
+
+    @contextmanager
+    def empty_directory(self, name: str) -> Iterator[Path]:
+        directory = self.workspace.scratch / name
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        try:
+            yield directory
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def run(self, case: Case) -> Sample:
+        """Prepare (untimed), time, check (untimed) one case."""
+        everything = [LARGE_APP, SMALL_APP]
+        if case.key in ("full_live", "selective"):
+            restored = everything if case.key == "full_live" else [SMALL_APP]
+            for app_id in restored:
+                damage(self.apps[app_id])
+            app_ids = [] if case.key == "full_live" else [SMALL_APP]
+            sample = self.timed(lambda: self.runner.restore(app_ids))
+            self.check(restored)
+            return sample
+        with self.empty_directory(case.key) as directory:
+            if case.key == "full_empty_root":
+                sample = self.timed(lambda: self.runner.restore([], directory))
+                self.check(everything, directory)
+            elif case.key == "raw_full":
+                sample = self.timed(lambda: self.runner.raw_extract(directory, []))
+                self.check(everything, directory)
+            else:
+                paths = self.apps[SMALL_APP].archive_paths
+                sample = self.timed(lambda: self.runner.raw_extract(directory, paths))
+                self.check([SMALL_APP], directory)
+        return sample
+
+
+def measure(bench: Bench, repeats: int, log: Callable[[str], None]) -> dict[str, Timing]:
+    """Every case once per repeat, in reversed order every other repeat."""
+    timings = {case.key: Timing(case) for case in CASES}
+    for repeat in range(repeats):
+        order = CASES if repeat % 2 == 0 else tuple(reversed(CASES))
+        for case in order:
+            sample = bench.run(case)
+            timings[case.key].samples.append(sample)
+            log(f"  #{repeat + 1} {case.label:<40} {sample.describe()}")
+    return timings
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def targets(timings: dict[str, Timing]) -> list[dict[str, Any]]:
+    checked = []
+    for key, reference, limit in TARGETS:
+        ratio = timings[key].median / timings[reference].median
+        checked.append(
+            {
+                "case": key,
+                "reference": reference,
+                "measure": "ratio",
+                "value": ratio,
+                "limit": limit,
+                "passed": ratio <= limit,
+            }
+        )
+    return checked
+
+
+def print_table(timings: dict[str, Timing], checked: list[dict[str, Any]], cold: bool) -> None:
+    """One line per case: median seconds, min-max, others' CPU, ratio and target."""
+    by_case = {target["case"]: target for target in checked}
+    numbers = {key: f"({index})" for index, key in enumerate(timings, start=1)}
+    header = (
+        f"{'':<3} {'case':<40} {'n':>2} {'seconds':>8} {'min-max':>12} {'others':>7} "
+        f"{'ratio':>12}   target"
+    )
+    print(header)
+    print("-" * (len(header) + 14))
+    for key, timing in timings.items():
+        spread = f"{min(timing.seconds):.2f}-{max(timing.seconds):.2f}"
+        target = by_case.get(key)
+        reference = target["reference"] if target else REFERENCES.get(key)
+        if reference is None:
+            ratio_text, verdict = "", "baseline"
+        else:
+            ratio = timing.median / timings[reference].median
+            ratio_text = f"{ratio:.3f} of {numbers[reference]}"
+            verdict = (
+                f"<= {target['limit']:.2f}  {'PASS' if target['passed'] else 'FAIL'}"
+                if target
+                else "(reference)"
+            )
+        print(
+            f"{numbers[key]:<3} {timing.case.label:<40} {len(timing.seconds):>2} "
+            f"{timing.median:>8.3f} {spread:>12} {timing.others_cpu_median:>7.2f} "
+            f"{ratio_text:>12}   {verdict}"
+        )
+    print(
+        "seconds: median of whole subprocesses (min-max over the repeats), "
+        + ("page cache dropped before each run" if cold else "WARM page cache (not root?)")
+        + ";\nothers: median CPU seconds used meanwhile outside the timed process tree "
+        "(other processes, kernel threads);\nthe raw extracts write into an empty directory, "
+        "the live restores replace damaged data\n(and remove it), the empty-root restore "
+        "writes into an empty --target-root like the raw extract."
+    )
+
+
+def borg_version() -> str:
+    completed = subprocess.run(["borg", "--version"], capture_output=True, text=True, check=True)
+    return completed.stdout.strip()
+
+
+def write_results(
+    path: Path,
+    timings: dict[str, Timing],
+    checked: list[dict[str, Any]],
+    apps: dict[str, AppData],
+    cold: bool,
+    orders: list[list[str]],
+    profile: dict[str, Any] | None,
+) -> None:
+    document = {
+        "benchmark": "homesafe restore: selective against full, full against raw borg extract",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {
+            "python": platform.python_version(),
+            "borg": borg_version(),
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+        },
+        "apps": {app.app_id: app.summary() for app in apps.values()},
+        "page_cache": "cold" if cold else "warm",
+        "orders": orders,
+        "cases": [
+            {
+                "case": timing.case.key,
+                "label": timing.case.label,
+                "side": timing.case.side,
+                "seconds": timing.seconds,
+                "others_cpu_seconds": [sample.others_cpu for sample in timing.samples],
+                "waited_seconds": [sample.waited for sample in timing.samples],
+                "cold": [sample.cold for sample in timing.samples],
+                "median": timing.median,
+                "min": min(timing.seconds),
+                "max": max(timing.seconds),
+            }
+            for timing in timings.values()
+        ],
+        "targets": checked,
+        "profile": profile,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# -- profile of full live restores -----------------------------------------------------
+
+# Functions of homesafe timed by --profile, as (module, class or None, attribute, label,
+# top level). Top-level steps follow one another inside the command; the others run
+# inside one of them (the description and the listing side by side, in two threads).
+# Labels of INSTRUMENTED used in the accounting of homesafe's extra time.
+DESCRIBE_AND_LIST = "description + listing, side by side"
+STAGE = "stage: borg extract into staging (restore.stage)"
+VERIFY = "verification walk (restore.verify)"
+COMMIT = "remove the damaged copies (Swap.commit)"
+FSYNC_LABEL = "os.fsync (journal entries, state files)"
+INSTRUMENTED: tuple[tuple[str, str | None, str, str, bool], ...] = (
+    ("homesafe.journal", None, "recover", "journal: recover dead operations first", True),
+    ("homesafe.api", None, "_describe_and_list", DESCRIBE_AND_LIST, True),
+    ("homesafe.sources", "EngineSource", "describe", "description (borg extract .homesafe)", False),
+    ("homesafe.sources", "EngineSource", "listing", "listing (borg list, parse)", False),
+    ("homesafe.api", None, "_local_apps_or_none", "load the installed manifests", True),
+    ("homesafe.restore", None, "plan", "plan (restore.plan)", True),
+    ("homesafe.restore", None, "require_space", "space check (restore.require_space)", True),
+    ("homesafe.restore", None, "stage", STAGE, True),
+    ("homesafe.restore", None, "verify", VERIFY, True),
+    ("homesafe.api", "_Quiesced", "enter", "lockdown enter (api._Quiesced.enter)", True),
+    ("homesafe.restore", "Swap", "apply", "renames into place (Swap.apply)", True),
+    ("homesafe.api", "_Quiesced", "leave", "lockdown leave (api._Quiesced.leave)", True),
+    ("homesafe.restore", "Swap", "commit", COMMIT, True),
+    ("homesafe.restore", None, "remove_staging", "remove the staging areas", True),
+    ("homesafe.api", None, "_install_if_missing", "installed? (api._install_if_missing)", True),
+    ("homesafe.api", None, "_record_in_history", "record in the history", True),
+    ("homesafe.cli.operations", None, "print_operation", "print the result (rich)", True),
+    ("homesafe.execute", None, "run", "subprocess", False),
+    ("os", None, "fsync", FSYNC_LABEL, False),
+)
+TIMELINE_FSYNC_SECONDS = 0.01
+
+
+def subprocess_label(argv: Any) -> str:
+    parts = [str(part) for part in argv]
+    label = "subprocess: " + " ".join(parts[:2])
+    if len(parts) > 1 and parts[1] == "extract":
+        after = parts[parts.index("--") + 2 :] if "--" in parts else []
+        label += " (metadata)" if any(".homesafe" in part for part in after) else " (data)"
+    return label
+
+
+def instrumented_restore(output: Path, app_ids: list[str]) -> None:
+    """Run ``homesafe restore ARCHIVE [APP...]`` in this process, timing the steps of INSTRUMENTED.
+
+    Called in a subprocess by ``--profile`` (hidden option ``--instrumented-run``); the
+    wall-clock times of its start and end let the caller tell start-up and exit apart.
+    """
+    started_at = time.time()
+    events: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+    origin = time.perf_counter()
+    missing = []
+
+    def wrap(label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*arguments: Any, **keywords: Any) -> Any:
+            name = subprocess_label(arguments[0]) if label == "subprocess" else label
+            started = time.perf_counter()
+            try:
+                return function(*arguments, **keywords)
+            finally:
+                with lock:
+                    events.append((name, started - origin, time.perf_counter() - origin))
+
+        return timed
+
+    started = time.perf_counter()
+    import homesafe.cli
+
+    imports = {"import homesafe.cli (click, homesafe.cli.*)": time.perf_counter() - started}
+    started = time.perf_counter()
+    import homesafe.api
+
+    imports["import homesafe.api (pydantic, manifest, engines, ...)"] = (
+        time.perf_counter() - started
+    )
+    for module_name, class_name, attribute, label, _top in INSTRUMENTED:
+        target: Any = importlib.import_module(module_name)
+        if class_name is not None:
+            target = getattr(target, class_name, None)
+        if target is None or not hasattr(target, attribute):
+            missing.append(f"{module_name}.{class_name or ''}.{attribute}")
+            continue
+        setattr(target, attribute, wrap(label, getattr(target, attribute)))
+    command_started = time.perf_counter() - origin
+    try:
+        homesafe.cli.main(["restore", ARCHIVE_NAME, *app_ids], standalone_mode=False)
+    except SystemExit as exit_request:
+        if exit_request.code not in (0, None):
+            raise
+    command_ended = time.perf_counter() - origin
+    document = {
+        "started_at": started_at,
+        "imports": imports,
+        "command_started": command_started,
+        "command_seconds": command_ended - command_started,
+        "events": events,
+        "missing": missing,
+        "finished_at": time.time(),
+    }
+    output.write_text(json.dumps(document))
+
+
+@dataclass
+class ProfileSample:
+    """One instrumented full live restore and the raw extract timed next to it."""
+
+    wall: float
+    start_up: float
+    exit: float
+    imports: dict[str, float]
+    command: float
+    steps: dict[str, float]
+    calls: dict[str, int]
+    timeline: list[tuple[str, float, float]]
+    missing: list[str]
+    raw_extract: float
+
+
+def instrumented_sample(bench: Bench, homesafe_first: bool) -> ProfileSample:
+    workspace = bench.workspace
+    raw_seconds = 0.0
+
+    def raw() -> None:
+        nonlocal raw_seconds
+        with bench.empty_directory("profile-raw") as directory:
+            raw_seconds = bench.timed(lambda: bench.runner.raw_extract(directory, [])).seconds
+            bench.check([LARGE_APP, SMALL_APP], directory)
+
+    if not homesafe_first:
+        raw()
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "phases.json"
+        for app in bench.apps.values():
+            damage(app)
+        launched_at = 0.0
+
+        def launch() -> float:
+            nonlocal launched_at
+            launched_at = time.time()
+            subprocess.run(
+                [sys.executable, __file__, "--instrumented-run", str(output)],
+                env=homesafe_environment(workspace),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=True,
+            )
+            return time.time() - launched_at
+
+        wall = bench.timed(launch).seconds
+        document = json.loads(output.read_text())
+    bench.check([LARGE_APP, SMALL_APP])
+    if homesafe_first:
+        raw()
+    steps: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for label, started, ended in document["events"]:
+        steps[label] = steps.get(label, 0.0) + ended - started
+        calls[label] = calls.get(label, 0) + 1
+    offset = document["command_started"]
+    return ProfileSample(
+        wall=wall,
+        start_up=document["started_at"] - launched_at,
+        exit=launched_at + wall - document["finished_at"],
+        imports=document["imports"],
+        command=document["command_seconds"],
+        steps=steps,
+        calls=calls,
+        timeline=[
+            (label, start - offset, end - offset) for label, start, end in document["events"]
+        ],
+        missing=document["missing"],
+        raw_extract=raw_seconds,
+    )
+
+
+def median_wall_clock(argv: list[str], environment: dict[str, str], repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        subprocess.run(argv, env=environment, capture_output=True, check=True)
+        samples.append(time.monotonic() - started)
+    return statistics.median(samples)
+
+
+def top_level_labels() -> set[str]:
+    return {label for _module, _class, _attribute, label, top in INSTRUMENTED if top}
+
+
+def lock_stalled(sample: ProfileSample) -> bool:
+    """Whether a description or listing call waited one lock poll (see BORG_LOCK_POLL_SECONDS)."""
+    engine_calls = [
+        seconds
+        for label, seconds in sample.steps.items()
+        if label.startswith(("subprocess: borg list", "subprocess: borg extract (metadata)"))
+    ]
+    return max(engine_calls, default=0.0) >= 0.9 * BORG_LOCK_POLL_SECONDS
+
+
+def extra_time(sample: ProfileSample) -> dict[str, float]:
+    """homesafe's wall clock minus the raw extract's, split by cause (sums exactly)."""
+    command_steps = sum(
+        seconds for label, seconds in sample.steps.items() if label in top_level_labels()
+    )
+    causes = {
+        "start-up": sample.wall - sample.command,
+        "describe+list": sample.steps.get(DESCRIBE_AND_LIST, 0.0),
+        "stage-raw": sample.steps.get(STAGE, 0.0) - sample.raw_extract,
+        "verify": sample.steps.get(VERIFY, 0.0),
+        "rm damaged": sample.steps.get(COMMIT, 0.0),
+    }
+    named = sum(causes.values()) - causes["start-up"] + sample.raw_extract
+    causes["other"] = sample.command - named
+    causes["(uninstrumented part)"] = sample.command - command_steps
+    return causes
+
+
+def profile_full_restore(bench: Bench, repeats: int) -> dict[str, Any]:
+    """Where the time of a full live ``homesafe restore`` goes (printed and returned).
+
+    ``repeats`` instrumented runs, each next to a raw ``borg extract`` of the whole
+    archive into an empty directory (alternating order), so that homesafe's data
+    extraction can be set against borg's alone. Steps are medians; the extra time is
+    split by cause run by run (each run's causes add up to its homesafe - raw).
+    """
+    environment = homesafe_environment(bench.workspace)
+    interpreter = median_wall_clock([sys.executable, "-c", "pass"], environment, repeats)
+    import_homesafe = median_wall_clock(
+        [sys.executable, "-c", "import homesafe.cli, homesafe.api"], environment, repeats
+    )
+    samples = [instrumented_sample(bench, repeat % 2 == 0) for repeat in range(repeats)]
+
+    def median_of(value: Callable[[ProfileSample], float]) -> float:
+        return statistics.median(value(sample) for sample in samples)
+
+    imports = {
+        label: median_of(lambda sample, label=label: sample.imports.get(label, 0.0))
+        for label in samples[0].imports
+    }
+    labels = [label for _module, _class, _attribute, label, _top in INSTRUMENTED]
+    labels += sorted({label for sample in samples for label in sample.steps} - set(labels))
+    steps = {
+        label: median_of(lambda sample, label=label: sample.steps.get(label, 0.0))
+        for label in labels
+        if any(label in sample.steps for sample in samples)
+    }
+    extras = [extra_time(sample) for sample in samples]
+
+    def line(label: str, seconds: float, indent: int = 2) -> None:
+        print(f"{' ' * indent}{label:<{72 - indent}} {seconds:7.3f} s")
+
+    print()
+    print(
+        f"Profile of `homesafe restore {ARCHIVE_NAME}` (both apps, live, over damaged data; "
+        f"{'cold' if bench.drop_caches else 'warm'} page cache; medians of {repeats}):"
+    )
+    line(
+        "wall clock of one run (homesafe called in-process, instrumented)",
+        median_of(lambda sample: sample.wall),
+    )
+    line(
+        "start-up: interpreter + bench/restore.py's own imports",
+        median_of(lambda sample: sample.start_up),
+        4,
+    )
+    for label, seconds in imports.items():
+        line(label, seconds, 4)
+    line("command (click main)", median_of(lambda sample: sample.command), 4)
+    for label, seconds in steps.items():
+        indent = 6 if label in top_level_labels() else 8
+        count = samples[0].calls.get(label, 0)
+        suffix = f" ({count} calls)" if count > 1 else ""
+        line(label + suffix, seconds, indent)
+    line(
+        "not instrumented (click, api, result building, ...)",
+        statistics.median(extra["(uninstrumented part)"] for extra in extras),
+        6,
+    )
+    line("interpreter exit (finalisation)", median_of(lambda sample: sample.exit), 4)
+    line(
+        "raw borg extract of the whole archive into an empty dir, next to it",
+        median_of(lambda sample: sample.raw_extract),
+    )
+    print("  for reference:")
+    line("python -c pass (bare interpreter start-up and exit)", interpreter, 4)
+    line("python -c 'import homesafe.cli, homesafe.api' (whole process)", import_homesafe, 4)
+    causes = [cause for cause in extras[0] if not cause.startswith("(")]
+    print()
+    print("homesafe's extra time over the raw extract, run by run (seconds; causes add up):")
+    print(
+        "  start-up: interpreter, imports, exit; describe+list: the two engine calls side by "
+        "side;\n  stage-raw: staging extract minus the raw extract; verify: verification walk; "
+        "rm damaged:\n  removal of the replaced copies; other: the rest of the command "
+        "(journal, renames, history, print...)"
+    )
+    widths = [max(len(cause), 7) for cause in causes]
+    print(
+        f"  {'run':>3} {'homesafe':>8} {'raw':>6} {'extra':>6}  "
+        + "  ".join(f"{cause:>{width}}" for cause, width in zip(causes, widths, strict=True))
+    )
+    rows = [
+        (f"{index}{'*' if lock_stalled(sample) else ''}", sample.wall, sample.raw_extract, extra)
+        for index, (sample, extra) in enumerate(zip(samples, extras, strict=True), start=1)
+    ]
+    rows.append(
+        (
+            "med",
+            median_of(lambda sample: sample.wall),
+            median_of(lambda sample: sample.raw_extract),
+            {cause: statistics.median(extra[cause] for extra in extras) for cause in causes},
+        )
+    )
+    for name, wall, raw, extra in rows:
+        print(
+            f"  {name:>3} {wall:8.2f} {raw:6.2f} {wall - raw:6.2f}  "
+            + "  ".join(
+                f"{extra[cause]:>{width}.2f}" for cause, width in zip(causes, widths, strict=True)
+            )
+        )
+    print("  (med: medians column by column; they need not add up)")
+    if any(lock_stalled(sample) for sample in samples):
+        print(
+            f"  *: a description or listing call took >= {BORG_LOCK_POLL_SECONDS:g} s: the two "
+            "borg processes started side by side\n     met on the repository's lock roster, "
+            f"and borg polls it every lock_wait/10 = {BORG_LOCK_POLL_SECONDS:g} s"
+        )
+    print(
+        "\nTimeline of the first run (seconds from the start of the command; "
+        f"fsyncs under {TIMELINE_FSYNC_SECONDS} s left out):"
+    )
+    for label, started, ended in sorted(samples[0].timeline, key=lambda event: event[1]):
+        if label != FSYNC_LABEL or ended - started >= TIMELINE_FSYNC_SECONDS:
+            print(f"  {started:7.3f} - {ended:7.3f}  {label}")
+    if samples[0].missing:
+        print(f"  not instrumented (not found): {', '.join(samples[0].missing)}")
+    return {
+        "repeats": repeats,
+        "imports_seconds": imports,
+        "steps_seconds_median": steps,
+        "bare_interpreter_seconds": interpreter,
+        "import_homesafe_process_seconds": import_homesafe,
+        "timeline_first_run": samples[0].timeline,
+        "samples": [
+            {
+                "wall": sample.wall,
+                "start_up": sample.start_up,
+                "command": sample.command,
+                "exit": sample.exit,
+                "raw_extract": sample.raw_extract,
+                "steps": sample.steps,
+                "calls": sample.calls,
+                "extra_by_cause": extra,
+                "lock_stall": lock_stalled(sample),
+            }
+            for sample, extra in zip(samples, extras, strict=True)
+        ],
+    }
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+@contextmanager
+def workspace_directory(work_directory: Path | None, keep: bool) -> Iterator[Workspace]:
+    """The work directory: a fresh temp dir under /var/tmp unless one is given.
+
+    A given directory must be missing, empty, or one this benchmark made before (its
+    data set is then reused when the parameters match and it is intact). It is removed
+    at the end unless ``keep``.
+    """
+    if work_directory is None:
+        root = Path(tempfile.mkdtemp(prefix="homesafe-bench-restore-", dir="/var/tmp"))
+    else:
+        root = work_directory.resolve()
+        if root.exists() and any(root.iterdir()) and not (root / MARKER_FILE).exists():
+            raise SystemExit(f"{root} is not empty and was not made by this benchmark")
+        root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER_FILE).write_text("homesafe restore benchmark work directory\n")
+    try:
+        yield Workspace(root)
+    finally:
+        if keep:
+            print(f"Work directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def prepare_homesafe(runner: Runner, apps: dict[str, AppData]) -> float:
+    """Fresh homesafe state, both manifests, and one backup of both apps (seconds)."""
+    workspace = runner.workspace
+    for directory in (workspace.root / "homesafe", workspace.scratch):
+        if directory.exists():
+            shutil.rmtree(directory)
+    for app in apps.values():
+        write_manifest(workspace, app)
+    return runner.backup()
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=500, help="large app's size (500)")
+    parser.add_argument(
+        "--small-files", type=int, default=5000, help="large app's small files (5000)"
+    )
+    parser.add_argument("--small-mb", type=int, default=5, help="small app's size (5)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each case (5)")
+    parser.add_argument("--work-dir", type=Path, help="work directory (fresh under /var/tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--no-drop-caches", action="store_true", help="never drop the page cache (warm runs)"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="before each timed run, wait up to this many seconds for a quiet machine (15)",
+    )
+    parser.add_argument(
+        "--homesafe",
+        default=str(Path(sys.executable).with_name("homesafe")),
+        help="the homesafe command (default: next to this Python)",
+    )
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON output")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--profile", action="store_true", help="also break down full live restores")
+    parser.add_argument("--instrumented-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--instrumented-apps", nargs="*", default=[], help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> int:
+    options = parse_arguments()
+    if options.instrumented_run is not None:
+        instrumented_restore(options.instrumented_run, options.instrumented_apps)
+        return 0
+    if shutil.which(options.homesafe) is None:
+        raise SystemExit(f"cannot find the homesafe command {options.homesafe!r}")
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    with workspace_directory(options.work_dir, options.keep) as workspace:
+        started = time.monotonic()
+        apps, reused = generate_data_set(
+            workspace, options.size_mb, options.small_files, options.small_mb
+        )
+        for app in apps.values():
+            log(
+                f"App {app.app_id}: {app.files} files, {app.bytes / MEBIBYTE:.1f} MiB in "
+                f"{', '.join(str(directory) for directory in app.directories)}"
+            )
+        log(
+            "Data set "
+            + ("reused" if reused else f"generated in {time.monotonic() - started:.1f} s")
+        )
+        runner = Runner(workspace, options.homesafe)
+        backup_seconds = prepare_homesafe(runner, apps)
+        log(f"homesafe backup --name {ARCHIVE_NAME} (untimed): {backup_seconds:.1f} s")
+        bench = Bench(runner, apps, not options.no_drop_caches, options.quiet_wait)
+        timings = measure(bench, options.repeats, log)
+        cold = bench.warm_runs == 0
+        checked = targets(timings)
+        print()
+        print_table(timings, checked, cold)
+        profile = profile_full_restore(bench, options.repeats) if options.profile else None
+        orders = [
+            [case.key for case in (CASES if repeat % 2 == 0 else tuple(reversed(CASES)))]
+            for repeat in range(options.repeats)
+        ]
+        write_results(options.results, timings, checked, apps, cold, orders, profile)
+        print(f"\nFigures written to {options.results}")
+    missed = [target for target in checked if not target["passed"]]
+    return 1 if options.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

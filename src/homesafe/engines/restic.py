@@ -1,0 +1,917 @@
+"""The restic engine: argv builders and one :func:`homesafe.execute.run` call each.
+
+Works with restic 0.14 (Debian bookworm) and later. How homesafe's ideas map onto it:
+
+* **Archive names.** restic names snapshots by id; homesafe files each snapshot under the
+  tag ``homesafe.name=<archive name>`` and finds it again with ``latest --tag``. A
+  snapshot homesafe did not write is named by its short id.
+* **The comment** (homesafe's JSON summary) is stored as the tag
+  ``homesafe.comment=<base64url>`` (tags cannot hold commas), and each app as
+  ``homesafe.app=<id>`` so that ``restic snapshots --tag homesafe.app=notes`` works too.
+* **Paths.** restic keeps a path given as relative (the archive metadata directory,
+  relative to the working directory) at the root of the snapshot tree and an absolute
+  one at its place: the same layout as borg's. Listings leave out the parent
+  directories restic adds above absolute paths, as borg has none.
+* **Passphrase**: through a pipe (``RESTIC_PASSWORD_FILE=/dev/fd/N``), never argv or the
+  environment; ``RESTIC_PASSWORD*`` inherited from the caller are removed.
+* **Remote**: sftp through homesafe's ssh key and known_hosts (``-o sftp.command``); S3
+  with the repository's access keys in the environment of the restic process only.
+* **Locks**: restic 0.14 does not wait for a lock. On "already locked" homesafe runs
+  ``restic unlock``, which removes only stale locks (of a dead process of this host, or
+  not refreshed for 30 minutes), and tries again until ``Repository.lock_wait`` has
+  passed; then it fails naming the holder.
+
+restic exits 1 for nearly every error, so errors are classified by its words.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import re
+import shlex
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from homesafe import archives, execute, locations
+from homesafe.engines.base import (
+    ArchiveEntry,
+    ArchiveStats,
+    ArchiveSummary,
+    CheckReport,
+    Progress,
+    ProgressCallback,
+    PruneReport,
+    RepositoryInfo,
+    RetentionPolicy,
+)
+from homesafe.errors import (
+    ArchiveExistsError,
+    ArchiveNotFoundError,
+    CommandError,
+    EngineError,
+    PassphraseError,
+    RepositoryExistsError,
+    RepositoryLockedError,
+    RepositoryNotFoundError,
+    UsageError,
+)
+from homesafe.repositories import (
+    AuthenticationRefusedError,
+    HostUnreachableError,
+    Repository,
+    classify_ssh_failure,
+    diagnose_ssh,
+    ssh_command,
+)
+
+RESTIC = "restic"
+# restic 0.14: "backup" exits 3 when some source files could not be read.
+INCOMPLETE_SNAPSHOT = 3
+NAME_TAG = "homesafe.name="
+COMMENT_TAG = "homesafe.comment="
+APP_TAG = "homesafe.app="
+SNAPSHOT_ID = re.compile(r"[0-9a-f]{8,64}")
+LOCK_RETRY_SECONDS = 1.0
+LOCKED = re.compile(r"repository is already locked")
+TAR_MODES = {".gz": "gz", ".tgz": "gz", ".bz2": "bz2", ".xz": "xz"}
+
+# restic's words -> the homesafe error they mean; the first match wins.
+ERRORS_BY_TEXT: list[tuple[re.Pattern[str], type[EngineError]]] = [
+    (re.compile(r"repository is already locked"), RepositoryLockedError),
+    (re.compile(r"wrong password or no key found"), PassphraseError),
+    (re.compile(r"config file already exists|already initialized"), RepositoryExistsError),
+    (
+        re.compile(r"connection refused|no such host|i/o timeout|network is unreachable", re.I),
+        HostUnreachableError,
+    ),
+    (
+        re.compile(
+            r"signature we calculated does not match|InvalidAccessKeyId|Access Denied", re.I
+        ),
+        AuthenticationRefusedError,
+    ),
+    (
+        re.compile(r"Is there a repository at the following location|unable to open config"),
+        RepositoryNotFoundError,
+    ),
+    (
+        re.compile(r"no snapshot found|no matching ID found|invalid id|no snapshot matched"),
+        ArchiveNotFoundError,
+    ),
+]
+
+HINTS: dict[type[EngineError], str] = {
+    RepositoryNotFoundError: "Check the repository location; `homesafe repo add` creates one.",
+    PassphraseError: "Check the repository's passphrase source (`homesafe repo show`).",
+    ArchiveNotFoundError: "`homesafe archives list` shows the archives there are.",
+    RepositoryLockedError: "Another homesafe or restic process is using the repository; "
+    "wait for it to finish.",
+    HostUnreachableError: "Check the host name and port, and that the server runs.",
+    AuthenticationRefusedError: "Check the S3 access key pair "
+    "($HOMESAFE_HOME/secrets/<name>.s3-credentials).",
+}
+
+
+# -- names and tags (pure) ------------------------------------------------------------
+
+
+def encode_comment(comment: str) -> str:
+    return base64.urlsafe_b64encode(comment.encode()).decode().rstrip("=")
+
+
+def decode_comment(encoded: str) -> str:
+    padded = encoded + "=" * (-len(encoded) % 4)
+    try:
+        return base64.urlsafe_b64decode(padded).decode()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
+def archive_tags(archive_name: str, comment: str) -> list[str]:
+    """The tags that carry an archive's name and comment (and its apps, for people)."""
+    tags = [NAME_TAG + archive_name]
+    if comment:
+        tags.append(COMMENT_TAG + encode_comment(comment))
+        summary = archives.parse_comment(comment)
+        tags += [APP_TAG + app for app in summary.apps if "," not in app]
+    return tags
+
+
+def tag_value(tags: Sequence[str] | None, prefix: str) -> str | None:
+    for tag in tags or ():
+        if tag.startswith(prefix):
+            return tag[len(prefix) :]
+    return None
+
+
+def snapshot_name(snapshot: dict[str, Any]) -> str:
+    """The homesafe name of a snapshot: its name tag, else its short id."""
+    return tag_value(snapshot.get("tags"), NAME_TAG) or str(snapshot["short_id"])
+
+
+def snapshot_arguments(archive_name: str) -> list[str]:
+    """How to name one archive on restic's command line: the latest snapshot with its
+    name tag (names are unique), or a snapshot id for snapshots homesafe did not write."""
+    if SNAPSHOT_ID.fullmatch(archive_name):
+        return [archive_name]
+    return ["latest", "--tag", NAME_TAG + archive_name]
+
+
+def escape_pattern(path: str) -> str:
+    """``path`` as a restic include pattern matching itself only (no glob)."""
+    return re.sub(r"([\\*?\[])", r"\\\1", path)
+
+
+def restic_location(repository: Repository) -> str:
+    """The repository as restic's ``-r`` takes it."""
+    location = repository.parsed_location
+    if location.kind == "sftp":
+        return f"sftp:{location.user}@{location.host}:{location.path}"
+    if location.kind == "s3":
+        return f"s3:{location.endpoint}/{location.path}"
+    return location.path
+
+
+def common_options(repository: Repository) -> list[str]:
+    options = ["-r", restic_location(repository)]
+    location = repository.parsed_location
+    if location.kind == "sftp":
+        # restic runs this instead of its own ssh call and keeps only the path of the URL.
+        command = [*ssh_command(location), "-s", "sftp"]
+        options += ["-o", f"sftp.command={shlex.join(command)}"]
+    return options
+
+
+def ancestors(path: str) -> set[str]:
+    """Every strict ancestor of a relative path: ``a/b/c`` -> {``a``, ``a/b``}."""
+    parts = path.split("/")
+    return {"/".join(parts[:index]) for index in range(1, len(parts))}
+
+
+def is_inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
+
+
+def stored_member(path: str, snapshot_paths: Sequence[str]) -> bool:
+    """Whether ``path`` (relative, as in the tree) is something the snapshot stored,
+    rather than a parent directory restic added above an absolute path."""
+    tops = [item.lstrip("/") for item in snapshot_paths]
+    if any(is_inside(path, top) for top in tops):
+        return True
+    return not any(path in ancestors(top) for top in tops)
+
+
+# -- argv builders (pure) ------------------------------------------------------------
+
+
+def init_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "init", *common_options(repository), "--repository-version", "2"]
+
+
+def backup_argv(
+    repository: Repository,
+    paths: Sequence[str],
+    tags: Sequence[str],
+    *,
+    parent: str | None = None,
+    timestamp: datetime.datetime | None = None,
+) -> list[str]:
+    argv = [RESTIC, "backup", *common_options(repository), "--json"]
+    argv += ["--compression", repository.compression]
+    for tag in tags:
+        argv += ["--tag", tag]
+    if parent:
+        argv += ["--parent", parent]
+    if timestamp is not None:
+        # restic reads this format as local time.
+        argv += ["--time", timestamp.astimezone().strftime("%Y-%m-%d %H:%M:%S")]
+    return [*argv, "--", *paths]
+
+
+def snapshots_argv(repository: Repository, archive_name: str | None = None) -> list[str]:
+    argv = [RESTIC, "snapshots", *common_options(repository), "--json"]
+    if archive_name is not None:
+        argv += snapshot_arguments(archive_name)
+    return argv
+
+
+def ls_argv(repository: Repository, archive_name: str) -> list[str]:
+    return [RESTIC, "ls", *common_options(repository), "--json", *snapshot_arguments(archive_name)]
+
+
+def restore_argv(
+    repository: Repository, archive_name: str, paths: Sequence[str], target_root: Path
+) -> list[str]:
+    argv = [RESTIC, "restore", *common_options(repository), *snapshot_arguments(archive_name)]
+    argv += ["--target", str(target_root)]
+    for path in paths:
+        argv += ["--include", escape_pattern("/" + path.strip("/"))]
+    return argv
+
+
+def forget_argv(repository: Repository, snapshot_ids: Sequence[str]) -> list[str]:
+    return [RESTIC, "forget", *common_options(repository), "--", *snapshot_ids]
+
+
+def forget_policy_argv(
+    repository: Repository, policy: RetentionPolicy, *, dry_run: bool
+) -> list[str]:
+    # One group for the whole repository, as borg prunes: restic's default groups by
+    # host and paths, and homesafe's paths differ between archives.
+    argv = [RESTIC, "forget", *common_options(repository), "--json", "--group-by", ""]
+    for option, count in (
+        ("--keep-daily", policy.keep_daily),
+        ("--keep-weekly", policy.keep_weekly),
+        ("--keep-monthly", policy.keep_monthly),
+    ):
+        if count:
+            argv += [option, str(count)]
+    if dry_run:
+        argv.append("--dry-run")
+    return argv
+
+
+def prune_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "prune", *common_options(repository)]
+
+
+def dump_argv(repository: Repository, archive_name: str) -> list[str]:
+    return [RESTIC, "dump", *common_options(repository), *snapshot_arguments(archive_name), "/"]
+
+
+def check_argv(
+    repository: Repository, *, verify_data: bool, sample_percent: float | None
+) -> list[str]:
+    argv = [RESTIC, "check", *common_options(repository)]
+    if verify_data:
+        argv.append("--read-data")
+    elif sample_percent is not None:
+        argv += ["--read-data-subset", f"{sample_percent:g}%"]
+    return argv
+
+
+def find_pack_argv(repository: Repository, pack_ids: Sequence[str]) -> list[str]:
+    argv = [RESTIC, "find", *common_options(repository), "--json"]
+    for pack in pack_ids:
+        argv += ["--pack", pack]
+    return argv
+
+
+def stats_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "stats", *common_options(repository), "--json", "--mode", "raw-data"]
+
+
+def cat_config_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "cat", *common_options(repository), "config"]
+
+
+def key_list_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "key", "list", *common_options(repository), "--json"]
+
+
+def list_keys_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "list", *common_options(repository), "keys"]
+
+
+def cat_key_argv(repository: Repository, key_id: str) -> list[str]:
+    return [RESTIC, "cat", *common_options(repository), "key", key_id]
+
+
+def key_passwd_argv(repository: Repository, new_password_file: str) -> list[str]:
+    return [
+        RESTIC,
+        "key",
+        "passwd",
+        *common_options(repository),
+        "--new-password-file",
+        new_password_file,
+    ]
+
+
+def unlock_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "unlock", *common_options(repository)]
+
+
+# -- running them -------------------------------------------------------------------
+
+
+@contextmanager
+def password_pipes(
+    repository: Repository, extra: Sequence[str] = ()
+) -> Iterator[tuple[dict[str, str], list[int], list[str], list[str]]]:
+    """Environment, fds, secrets to mask and the ``/dev/fd`` paths of ``extra``
+    (further secrets to hand over by pipe) for one restic call."""
+    environment = {
+        "RESTIC_CACHE_DIR": str(locations.home() / "restic-cache"),
+        # One progress line every 5 s is plenty in a log; restic's default is 60/s on
+        # a terminal.
+        "RESTIC_PROGRESS_FPS": "0.2",
+    }
+    secrets: list[str] = []
+    if repository.parsed_location.kind == "s3":
+        credentials = repository.s3_credentials()
+        environment.update(credentials)
+        secrets += list(credentials.values())
+    passphrase = repository.passphrase()
+    if passphrase is None:
+        raise EngineError("restic repositories are always encrypted: they need a passphrase")
+    pipes: list[int] = []
+    paths: list[str] = []
+    try:
+        for value in [passphrase, *extra]:
+            read_end, write_end = os.pipe()
+            pipes.append(read_end)
+            try:
+                os.write(write_end, value.encode() + b"\n")
+            finally:
+                os.close(write_end)
+            paths.append(f"/dev/fd/{read_end}")
+            secrets.append(value)
+        environment["RESTIC_PASSWORD_FILE"] = paths[0]
+        yield environment, pipes, secrets, paths[1:]
+    finally:
+        for descriptor in pipes:
+            os.close(descriptor)
+
+
+def run_restic(
+    repository: Repository,
+    argv: list[str],
+    *,
+    accept_returncodes: Sequence[int] = (0,),
+    working_directory: Path | None = None,
+    stdout_path: Path | None = None,
+    extra_secrets: Sequence[str] = (),
+    replace_argument: str | None = None,
+) -> execute.Completed:
+    """Run one restic command for ``repository``, turning its errors into homesafe's.
+
+    While the repository is locked by another process, stale locks are removed and the
+    command is tried again, up to ``repository.lock_wait`` seconds. ``extra_secrets``
+    go through further pipes; ``replace_argument`` in ``argv`` becomes the path of the
+    first of them.
+    """
+    deadline = time.monotonic() + repository.lock_wait
+    while True:
+        try:
+            return _run_restic_once(
+                repository,
+                argv,
+                accept_returncodes,
+                working_directory,
+                stdout_path,
+                extra_secrets,
+                replace_argument,
+            )
+        except RepositoryLockedError as error:
+            if time.monotonic() >= deadline:
+                raise RepositoryLockedError(
+                    f"repository {repository.name!r} is locked by another process "
+                    f"({describe_lock(error.message)}); waited {repository.lock_wait:g} s",
+                    hint=HINTS[RepositoryLockedError],
+                ) from error
+            if argv[1] != "unlock":
+                # Removes stale locks only: a live holder's lock stays.
+                _run_restic_once(repository, unlock_argv(repository), (0,), None, None, (), None)
+            time.sleep(min(LOCK_RETRY_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def describe_lock(text: str) -> str:
+    match = re.search(r"locked (?:exclusively )?by PID (\d+) on (\S+) by (\S+)", text)
+    if not match:
+        return "holder unknown"
+    since = re.search(r"lock was created at ([^(\n]+)", text)
+    described = f"pid {match[1]} on {match[2]}, user {match[3]}"
+    return described + (f", since {since[1].strip()}" if since else "")
+
+
+def _run_restic_once(
+    repository: Repository,
+    argv: list[str],
+    accept_returncodes: Sequence[int],
+    working_directory: Path | None,
+    stdout_path: Path | None,
+    extra_secrets: Sequence[str],
+    replace_argument: str | None,
+) -> execute.Completed:
+    removed = ["RESTIC_PASSWORD", "RESTIC_PASSWORD_COMMAND", "RESTIC_PASSWORD_FILE"]
+    if repository.passphrase_environment:
+        removed.append(repository.passphrase_environment)
+    with password_pipes(repository, extra_secrets) as (environment, fds, secrets, paths):
+        if replace_argument is not None:
+            argv = [paths[0] if part == replace_argument else part for part in argv]
+        try:
+            completed = execute.run(
+                argv,
+                environment=environment,
+                # The caller's, not ours (execute removes after adding).
+                remove_environment=[name for name in removed if name not in environment],
+                pass_fds=fds,
+                secrets=secrets,
+                accept_returncodes=accept_returncodes,
+                working_directory=working_directory,
+                stdout_path=stdout_path,
+            )
+        except CommandError as error:
+            raise classify(error, repository) from error
+    # A code the caller accepts (check's 1: damage found) may still mean "locked".
+    if completed.returncode != 0 and LOCKED.search(completed.stderr):
+        raise RepositoryLockedError(completed.stderr.strip(), hint=HINTS[RepositoryLockedError])
+    return completed
+
+
+def classify(error: CommandError, repository: Repository) -> EngineError:
+    """The homesafe error for a failed restic call."""
+    text = error.stderr_tail
+    location = repository.parsed_location
+    if location.uses_ssh:
+        remote = classify_ssh_failure(text, repository)
+        if remote is None and re.search(r"sftp|ssh", text, re.I) and "locked" not in text:
+            remote = diagnose_ssh(repository)
+        if remote is not None:
+            return remote
+    error_class: type[EngineError] = EngineError
+    for pattern, candidate in ERRORS_BY_TEXT:
+        if pattern.search(text):
+            error_class = candidate
+            break
+    summary = {
+        RepositoryNotFoundError: f"no restic repository at {repository.location}",
+        PassphraseError: f"wrong passphrase for repository {repository.name!r}",
+        RepositoryExistsError: f"a repository exists already at {repository.location}",
+        RepositoryLockedError: f"repository {repository.name!r} is locked",
+        ArchiveNotFoundError: f"no such archive in repository {repository.name!r}",
+        HostUnreachableError: f"cannot reach {location.address}",
+        AuthenticationRefusedError: f"{location.address} refused the access key",
+    }.get(error_class, f"restic failed on repository {repository.name!r}")
+    detail = text.strip() or error.message
+    return error_class(f"{summary}: {detail}", hint=HINTS.get(error_class))
+
+
+def _json_lines(text: str) -> Iterator[dict[str, Any]]:
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                yield value
+
+
+class ResticEngine:
+    """:class:`homesafe.engines.base.Engine` on restic 0.14 and later."""
+
+    name = "restic"
+
+    def repository_exists(self, repository: Repository) -> bool:
+        """Local: the repository's files are there. Remote: restic opens it (a wrong
+        passphrase still proves it exists)."""
+        if not repository.is_remote:
+            location = Path(repository.location)
+            return (location / "config").is_file() and (location / "keys").is_dir()
+        try:
+            run_restic(repository, cat_config_argv(repository))
+        except RepositoryNotFoundError:
+            return False
+        except PassphraseError:
+            return True
+        return True
+
+    def initialize(self, repository: Repository) -> None:
+        run_restic(repository, init_argv(repository))
+
+    def snapshots(self, repository: Repository) -> list[dict[str, Any]]:
+        """Every snapshot as restic describes it, oldest first."""
+        listed = json.loads(run_restic(repository, snapshots_argv(repository)).stdout or "[]")
+        return sorted(listed or [], key=lambda snapshot: str(snapshot.get("time", "")))
+
+    def snapshot(self, repository: Repository, archive_name: str) -> dict[str, Any]:
+        """The snapshot of one archive; ArchiveNotFoundError when there is none."""
+        try:
+            listed = json.loads(
+                run_restic(repository, snapshots_argv(repository, archive_name)).stdout or "[]"
+            )
+        except ArchiveNotFoundError:
+            listed = []
+        if not listed:
+            raise ArchiveNotFoundError(
+                f"no archive {archive_name} in repository {repository.name!r}",
+                hint=HINTS[ArchiveNotFoundError],
+            )
+        return dict(listed[-1])
+
+    def create(
+        self,
+        repository: Repository,
+        archive_name: str,
+        paths: Sequence[str],
+        *,
+        working_directory: Path,
+        comment: str,
+        on_progress: ProgressCallback | None = None,
+        timestamp: datetime.datetime | None = None,
+    ) -> ArchiveStats:
+        existing = self.snapshots(repository)
+        if any(snapshot_name(snapshot) == archive_name for snapshot in existing):
+            raise ArchiveExistsError(
+                f"an archive named {archive_name} exists already in {repository.name!r}"
+            )
+        absolute = [path for path in paths if path.startswith("/")]
+        completed = run_restic(
+            repository,
+            backup_argv(
+                repository,
+                paths,
+                archive_tags(archive_name, comment),
+                parent=choose_parent(existing, absolute),
+                timestamp=timestamp,
+            ),
+            accept_returncodes=(0, INCOMPLETE_SNAPSHOT),
+            working_directory=working_directory,
+        )
+        summary: dict[str, Any] = {}
+        for record in _json_lines(completed.stdout):
+            if record.get("message_type") == "summary":
+                summary = record
+        warnings = read_warnings(completed.stderr)
+        if on_progress is not None:
+            done = float(summary.get("total_bytes_processed", 0))
+            on_progress(Progress("create", current=done, total=done, finished=True))
+        return ArchiveStats(
+            name=archive_name,
+            original_size=int(summary.get("total_bytes_processed", 0)),
+            compressed_size=int(summary.get("data_added", 0)),
+            deduplicated_size=int(summary.get("data_added", 0)),
+            file_count=int(summary.get("total_files_processed", 0)),
+            duration=float(summary.get("total_duration", 0.0)),
+            warnings=warnings,
+        )
+
+    def list_archives(self, repository: Repository) -> list[ArchiveSummary]:
+        return [
+            ArchiveSummary(
+                name=snapshot_name(snapshot),
+                id=str(snapshot["id"]),
+                time=str(snapshot.get("time", "")),
+                comment=decode_comment(tag_value(snapshot.get("tags"), COMMENT_TAG) or ""),
+            )
+            for snapshot in self.snapshots(repository)
+        ]
+
+    def list_contents(
+        self, repository: Repository, archive_name: str, paths: Sequence[str] = ()
+    ) -> list[ArchiveEntry]:
+        completed = run_restic(repository, ls_argv(repository, archive_name))
+        records = list(_json_lines(completed.stdout))
+        snapshot_paths: list[str] = []
+        entries = []
+        wanted = [path.strip("/") for path in paths]
+        for record in records:
+            if record.get("struct_type") == "snapshot":
+                snapshot_paths = list(record.get("paths") or [])
+                continue
+            path = str(record.get("path", "")).lstrip("/")
+            if not path or not stored_member(path, snapshot_paths):
+                continue
+            if wanted and not any(is_inside(path, top) for top in wanted):
+                continue
+            entries.append(
+                ArchiveEntry(
+                    path=path,
+                    type=ENTRY_TYPES.get(str(record.get("type")), "?"),
+                    mode=str(record.get("permissions", "")),
+                    size=int(record.get("size", 0) or 0),
+                    user=str(record.get("uid", "")),
+                    group=str(record.get("gid", "")),
+                    link_target=str(record.get("linktarget", "")),
+                )
+            )
+        return entries
+
+    def extract(
+        self,
+        repository: Repository,
+        archive_name: str,
+        paths: Sequence[str],
+        target_root: Path,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[str]:
+        run_restic(repository, restore_argv(repository, archive_name, paths, target_root))
+        if on_progress is not None:
+            on_progress(Progress("extract", current=None, finished=True))
+        return []
+
+    def delete(self, repository: Repository, archive_names: Sequence[str]) -> None:
+        if not archive_names:
+            return
+        by_name = {snapshot_name(snapshot): snapshot for snapshot in self.snapshots(repository)}
+        missing = [name for name in archive_names if name not in by_name]
+        if missing:
+            raise ArchiveNotFoundError(
+                f"no archive {', '.join(missing)} in repository {repository.name!r}; "
+                "nothing was deleted",
+                hint=HINTS[ArchiveNotFoundError],
+            )
+        run_restic(
+            repository,
+            forget_argv(repository, [str(by_name[name]["id"]) for name in archive_names]),
+        )
+        run_restic(repository, prune_argv(repository))
+
+    def export_tar(
+        self, repository: Repository, archive_name: str, file: Path, paths: Sequence[str] = ()
+    ) -> None:
+        """``restic dump`` of the whole snapshot, rewritten as borg's export-tar would
+        write it: stored members only, ``paths`` selected, compressed by suffix."""
+        snapshot = self.snapshot(repository, archive_name)
+        snapshot_paths = list(snapshot.get("paths") or [])
+        wanted = [path.strip("/") for path in paths]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".homesafe-dump-", dir=file.parent) as scratch:
+            dumped = Path(scratch) / "dump.tar"
+            run_restic(repository, dump_argv(repository, str(snapshot["id"])), stdout_path=dumped)
+            partial = Path(scratch) / file.name
+            with tarfile.open(dumped, "r:") as source, _open_output(partial) as output:
+                for member in source:
+                    name = member.name.lstrip("/").rstrip("/")
+                    if not name or not stored_member(name, snapshot_paths):
+                        continue
+                    if wanted and not any(is_inside(name, top) for top in wanted):
+                        continue
+                    member.name = name
+                    output.addfile(member, source.extractfile(member) if member.isfile() else None)
+            os.replace(partial, file)
+
+    def export_key(self, repository: Repository) -> str:
+        """The key file restic opened the repository with (JSON, encrypted by the
+        passphrase): with it, the passphrase opens the repository even if its keys/
+        directory is lost."""
+        keys = json.loads(run_restic(repository, key_list_argv(repository)).stdout or "[]")
+        current = next((key for key in keys if key.get("current")), None)
+        if current is None:
+            raise EngineError(f"restic did not say which key opens {repository.name!r}")
+        # `key list` shows short ids only; `cat key` wants the whole one.
+        listed = run_restic(repository, list_keys_argv(repository)).stdout.split()
+        full = next((key for key in listed if key.startswith(str(current["id"]))), None)
+        if full is None:
+            raise EngineError(f"restic lists no key {current['id']} in {repository.name!r}")
+        return run_restic(repository, cat_key_argv(repository, full)).stdout
+
+    def repository_info(self, repository: Repository) -> RepositoryInfo:
+        stats = json.loads(run_restic(repository, stats_argv(repository)).stdout or "{}")
+        listed = self.snapshots(repository)
+        return RepositoryInfo(
+            archive_count=len(listed),
+            last_archive_time=str(listed[-1].get("time", "")) if listed else "",
+            stored_size=int(stats.get("total_size", 0)),
+            original_size=int(stats.get("total_uncompressed_size", stats.get("total_size", 0))),
+            encryption=repository.encryption,
+        )
+
+    def check(
+        self,
+        repository: Repository,
+        *,
+        verify_data: bool = False,
+        sample_percent: float | None = None,
+    ) -> CheckReport:
+        """``restic check``; damaged packs are traced to the snapshots and files that
+        use them with ``restic find --pack``."""
+        started = time.monotonic()
+        completed = run_restic(
+            repository,
+            check_argv(repository, verify_data=verify_data, sample_percent=sample_percent),
+            accept_returncodes=(0, 1),
+        )
+        problems = [
+            line.strip()
+            for line in (completed.stdout + "\n" + completed.stderr).splitlines()
+            if line.strip() and not CHECK_CHATTER.search(line)
+        ]
+        ok = completed.returncode == 0 and not problems
+        affected: list[str] = []
+        if not ok:
+            packs = damaged_packs(problems)
+            if packs:
+                affected, files = self._trace_packs(repository, packs)
+                problems += [f"affected: {name}: {path}" for name, path in files]
+        if sample_percent is not None and not verify_data:
+            verified = f"{sample_percent:g}%"
+        else:
+            verified = "all" if verify_data else "none"
+        return CheckReport(
+            ok=ok,
+            verified_data=verified,
+            problems=problems,
+            affected_archives=affected,
+            duration=time.monotonic() - started,
+        )
+
+    def _trace_packs(
+        self, repository: Repository, packs: Sequence[str]
+    ) -> tuple[list[str], list[tuple[str, str]]]:
+        """The archives, and (archive, file) pairs, that use blobs of ``packs``."""
+        try:
+            found = json.loads(
+                run_restic(
+                    repository, find_pack_argv(repository, packs), accept_returncodes=(0, 1)
+                ).stdout
+                or "[]"
+            )
+            names = {
+                str(snapshot["id"]): snapshot_name(snapshot)
+                for snapshot in self.snapshots(repository)
+            }
+        except (EngineError, ValueError):
+            return [], []
+        archives_found: list[str] = []
+        files: list[tuple[str, str]] = []
+        for item in found if isinstance(found, list) else []:
+            name = names.get(str(item.get("snapshot")), str(item.get("snapshot", ""))[:8])
+            if name not in archives_found:
+                archives_found.append(name)
+            pair = (name, str(item.get("path", "")))
+            if pair not in files:
+                files.append(pair)
+        return archives_found, files
+
+    def prune(
+        self, repository: Repository, policy: RetentionPolicy, *, dry_run: bool = False
+    ) -> PruneReport:
+        """``restic forget`` by ``policy`` (one group: the whole repository), then
+        ``restic prune`` to give the space back."""
+        if not policy.keeps_anything:
+            raise EngineError("a retention policy that keeps nothing would delete every archive")
+        groups = json.loads(
+            run_restic(repository, forget_policy_argv(repository, policy, dry_run=dry_run)).stdout
+            or "[]"
+        )
+        kept: list[str] = []
+        removed: list[str] = []
+        for group in groups or []:
+            kept += [snapshot_name(snapshot) for snapshot in group.get("keep") or []]
+            removed += [snapshot_name(snapshot) for snapshot in group.get("remove") or []]
+        if removed and not dry_run:
+            run_restic(repository, prune_argv(repository))
+        return PruneReport(kept=kept, removed=removed, dry_run=dry_run)
+
+    def import_key(self, repository: Repository, file: Path) -> None:
+        raise UsageError(
+            "restic has no key import: its keys live in the repository, opened by the passphrase",
+            hint="Restore the repository's keys/ directory from the file `homesafe key "
+            "export` printed, or give the passphrase a key of the repository accepts.",
+        )
+
+    def change_passphrase(self, repository: Repository, new_passphrase: str) -> None:
+        marker = "\0new-password-file\0"
+        run_restic(
+            repository,
+            key_passwd_argv(repository, marker),
+            extra_secrets=[new_passphrase],
+            replace_argument=marker,
+        )
+
+    def destroy(self, repository: Repository) -> None:
+        """Delete a local restic repository (restic has no command for it)."""
+        if repository.is_remote:
+            raise UsageError(
+                f"homesafe cannot delete the remote restic repository {repository.location}",
+                hint="Delete it on the server or in the bucket; `homesafe repo remove` "
+                "without --delete-data forgets it here.",
+            )
+        location = Path(repository.location)
+        if not self.repository_exists(repository) or not (location / "data").is_dir():
+            raise RepositoryNotFoundError(f"no restic repository at {location}")
+        shutil.rmtree(location)
+
+
+ENTRY_TYPES = {
+    "dir": "d",
+    "file": "-",
+    "symlink": "l",
+    "dev": "b",
+    "chardev": "c",
+    "fifo": "p",
+    "socket": "s",
+}
+
+# Lines of ``restic check`` that report progress, not problems.
+CHECK_CHATTER = re.compile(
+    r"^(using temporary cache|create exclusive lock|load indexes|check all packs|"
+    r"check snapshots, trees and blobs|read all data|read \d+/\d+ of data|"
+    r"read .* of data packs|\[\d+:\d+\]|no errors were found|created new cache|"
+    r"Fatal: repository contains errors|$)"
+)
+
+
+# How `restic check` names a damaged pack: its stored id (the file name).
+DAMAGED_PACK = re.compile(
+    r"Pack ID does not match, want ([0-9a-f]{64})|pack ([0-9a-f]{64})[: ]|"
+    r"pack file ([0-9a-f]{64})|([0-9a-f]{64}): .*(?:ciphertext|checksum|hash)"
+)
+
+
+def damaged_packs(problems: Sequence[str]) -> list[str]:
+    """The ids of the packs ``restic check`` found damaged, in order of mention."""
+    found: list[str] = []
+    for problem in problems:
+        for match in DAMAGED_PACK.finditer(problem):
+            pack = next(group for group in match.groups() if group)
+            if pack not in found:
+                found.append(pack)
+    return found
+
+
+def read_warnings(stderr: str) -> list[str]:
+    """``PATH: message`` for each file restic could not read (JSON or text form)."""
+    warnings = []
+    for line in stderr.splitlines():
+        record = None
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+        if isinstance(record, dict) and record.get("message_type") == "error":
+            error = record.get("error")
+            message = error.get("message", "") if isinstance(error, dict) else str(error)
+            warnings.append(f"{record.get('item', '')}: {message}")
+        elif line.startswith("error: "):
+            warnings.append(line[len("error: ") :])
+    return warnings
+
+
+def choose_parent(snapshots: Sequence[dict[str, Any]], absolute_paths: Sequence[str]) -> str | None:
+    """The snapshot restic should compare files with: the newest one holding every
+    path of this backup, else the newest sharing any. restic's own choice needs the very
+    same path list, and homesafe's metadata directory differs every time."""
+    wanted = set(absolute_paths)
+    if not wanted:
+        return None
+    covering = [s for s in snapshots if wanted <= set(s.get("paths") or [])]
+    sharing = [s for s in snapshots if wanted & set(s.get("paths") or [])]
+    candidates = covering or sharing
+    return str(candidates[-1]["id"]) if candidates else None
+
+
+def _open_output(file: Path) -> tarfile.TarFile:
+    """A tar file open for writing, compressed as the name's suffix says."""
+    compression = TAR_MODES.get(file.suffix, "")
+    if compression == "gz":
+        return tarfile.open(file, "w:gz", format=tarfile.PAX_FORMAT)
+    if compression == "bz2":
+        return tarfile.open(file, "w:bz2", format=tarfile.PAX_FORMAT)
+    if compression == "xz":
+        return tarfile.open(file, "w:xz", format=tarfile.PAX_FORMAT)
+    return tarfile.open(file, "w", format=tarfile.PAX_FORMAT)
