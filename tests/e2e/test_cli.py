@@ -254,3 +254,19 @@ def test_import_of_a_hostile_tar_exits_1_and_writes_nothing(apps: Path, tmp_path
     assert "contains '..'" in completed.stderr
     assert "nothing was written" in completed.stderr
     assert (apps / "srv/good/data.txt").read_text() == "damaged\n"
+
+
+def test_a_failed_manual_backup_alerts_the_repository_channels(apps: Path) -> None:
+    from homesafe import alerts
+    from tests.support.alert_servers import http_server
+
+    with http_server() as server:
+        alerts.add_channel("default", "hook", "webhook", settings={"url": f"{server.url}/x"})
+        assert homesafe("backup", "good").returncode == 0
+        (apps / "break-flaky").touch()
+        assert homesafe("backup").returncode == 3
+        (request,) = server.wait_for(1)
+    body = json.loads(request.body)
+    assert body["event"] == "failure"
+    assert body["repository"] == "default"
+    assert "flaky failed" in body["message"]

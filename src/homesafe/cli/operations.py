@@ -69,6 +69,7 @@ def backup_command(
             comment=comment,
             on_progress=on_progress,
         )
+    _alert_failure(result)
     _finish(result, as_json)
 
 
@@ -193,6 +194,27 @@ def verify_command(
     from homesafe import api
 
     _finish(api.verify_archive(archive, app_ids, repository=resolve(repository_name)), as_json)
+
+
+def _alert_failure(result: OperationResult) -> None:
+    """Tell the repository's alert channels about a failed or partial manual backup
+    (scheduled runs send their own alerts). A broken channel is logged, never fatal."""
+    if result.status == "ok":
+        return
+    from homesafe import alerts
+
+    failed = [app.app for app in result.apps if app.status == "failed"]
+    message = f"Backup {result.archive} is {result.status}"
+    message += f": {', '.join(failed)} failed." if failed else "."
+    alerts.send(
+        alerts.Event(
+            "failure",
+            result.repository,
+            f"Backup {result.status}",
+            message,
+            {"archive": result.archive, "errors": [e.to_dict() for e in result.all_errors()]},
+        )
+    )
 
 
 def _finish(result: OperationResult, as_json: bool) -> None:
