@@ -6,6 +6,7 @@ Exit status: 0 success, 1 failure, 2 usage error, 3 partial success (some apps f
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import signal
 import sys
@@ -15,27 +16,53 @@ from typing import Any
 import click
 
 from homesafe import __version__
-from homesafe.cli.alerts import alerts_group
-from homesafe.cli.apps import apps_group
-from homesafe.cli.archives import archives_group
-from homesafe.cli.full import full_group
-from homesafe.cli.history import history_command, status_command
-from homesafe.cli.key import key_group
-from homesafe.cli.operations import (
-    backup_command,
-    export_command,
-    import_command,
-    restore_command,
-    verify_command,
-)
-from homesafe.cli.recover import guard_operation, recover_command
-from homesafe.cli.repo import repo_group
-from homesafe.cli.schedule import schedule_group
 from homesafe.errors import EXIT_FAILURE, HomesafeError
+
+# Each command's module, imported only when that command runs (or help lists them all):
+# a backup should not pay at start-up for the modules of every other command.
+# name -> (module, attribute, runs an operation: takes the host's operation lock and
+# recovers what a dead operation left behind first).
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "apps": ("homesafe.cli.apps", "apps_group", False),
+    "backup": ("homesafe.cli.operations", "backup_command", True),
+    "archives": ("homesafe.cli.archives", "archives_group", False),
+    "restore": ("homesafe.cli.operations", "restore_command", True),
+    "full": ("homesafe.cli.full", "full_group", False),
+    "export": ("homesafe.cli.operations", "export_command", False),
+    "import": ("homesafe.cli.operations", "import_command", True),
+    "verify": ("homesafe.cli.operations", "verify_command", True),
+    "recover": ("homesafe.cli.recover", "recover_command", False),
+    "key": ("homesafe.cli.key", "key_group", False),
+    "repo": ("homesafe.cli.repo", "repo_group", False),
+    "schedule": ("homesafe.cli.schedule", "schedule_group", False),
+    "history": ("homesafe.cli.history", "history_command", False),
+    "status": ("homesafe.cli.history", "status_command", False),
+    "alerts": ("homesafe.cli.alerts", "alerts_group", False),
+}
+
+# Commands once imported (guard_operation changes a command: it must run once).
+_loaded: dict[str, click.Command] = {}
 
 
 class HomesafeGroup(click.Group):
-    """A click group that turns homesafe's errors into a message and an exit status."""
+    """A click group that turns homesafe's errors into a message and an exit status,
+    and imports each command's module only when it is needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        if cmd_name not in _loaded:
+            module_name, attribute, operation = COMMANDS[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module_name), attribute)
+            if operation:
+                from homesafe.cli.recover import guard_operation
+
+                command = guard_operation(command)
+            _loaded[cmd_name] = command
+        return _loaded[cmd_name]
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -79,20 +106,3 @@ def main(verbose: int) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="homesafe: %(levelname)s: %(message)s")
-
-
-main.add_command(apps_group)
-main.add_command(guard_operation(backup_command))
-main.add_command(archives_group)
-main.add_command(guard_operation(restore_command))
-main.add_command(full_group)
-main.add_command(export_command)
-main.add_command(guard_operation(import_command))
-main.add_command(guard_operation(verify_command))
-main.add_command(recover_command)
-main.add_command(key_group)
-main.add_command(repo_group)
-main.add_command(schedule_group)
-main.add_command(history_command)
-main.add_command(status_command)
-main.add_command(alerts_group)
