@@ -44,7 +44,7 @@ from homesafe.api import BackupError, OperationResult
 from homesafe.consistency import snapshots
 from homesafe.consistency.snapshots import Subvolume
 from homesafe.engines import borg
-from homesafe.engines.base import ArchiveStats, Progress, ProgressCallback
+from homesafe.engines.base import ArchiveStats, ProgressCallback
 from homesafe.errors import EngineError, HomesafeError, UsageError
 from homesafe.repositories import Repository
 from homesafe.sources import EngineSource
@@ -268,17 +268,7 @@ def _create(
     patterns: Sequence[str],
     on_progress: ProgressCallback | None,
 ) -> ArchiveStats:
-    def on_record(record: dict[str, Any]) -> None:
-        if on_progress is not None and record.get("type") == "archive_progress":
-            on_progress(
-                Progress(
-                    "create",
-                    current=float(record.get("original_size", 0)),
-                    message=str(record.get("path", "")),
-                    finished=bool(record.get("finished")),
-                )
-            )
-
+    on_record = borg.create_progress(on_progress)
     argv = create_argv(
         repository,
         archive_name,
@@ -535,18 +525,7 @@ def _extract(
     """Extract the whole archive into ``target``; any file borg could not write (a
     warning, exit 1) fails the restore."""
 
-    def on_record(record: dict[str, Any]) -> None:
-        if on_progress is not None and record.get("type") == "progress_percent":
-            on_progress(
-                Progress(
-                    "extract",
-                    current=float(record.get("current", 0) or 0),
-                    total=float(record.get("total", 0) or 0) or None,
-                    message=str((record.get("info") or [""])[-1]),
-                    finished=bool(record.get("finished")),
-                )
-            )
-
+    on_record = borg.extract_progress(on_progress)
     completed = borg.run_borg(
         repository,
         extract_argv(repository, archive_name, progress=on_progress is not None),

@@ -372,3 +372,21 @@ def test_command_handler_runs_the_manifest_commands(tmp_path: Path) -> None:
     handler.stop()
     assert not flag.exists()
     assert not handler.is_running()
+
+
+def test_borg_log_json_progress_records_become_progress_reports() -> None:
+    from homesafe.engines.base import Progress
+
+    seen: list[Progress] = []
+    borg.create_progress(seen.append)(
+        {"type": "archive_progress", "original_size": 5, "path": "srv/a", "finished": False}
+    )
+    borg.extract_progress(seen.append)(
+        {"type": "progress_percent", "current": 1, "total": 4, "info": ["srv/b"]}
+    )
+    borg.create_progress(seen.append)({"type": "log_message", "message": "not progress"})
+    assert [(p.operation, p.current, p.total, p.message) for p in seen] == [
+        ("create", 5.0, None, "srv/a"),
+        ("extract", 1.0, 4.0, "srv/b"),
+    ]
+    borg.create_progress(None)({"type": "archive_progress", "original_size": 1})

@@ -493,6 +493,45 @@ def describe_lock(repository: Repository) -> str:
     )
 
 
+def create_progress(
+    on_progress: ProgressCallback | None,
+) -> Callable[[dict[str, Any]], None]:
+    """A ``--log-json`` record handler turning `borg create` progress into Progress."""
+
+    def on_record(record: dict[str, Any]) -> None:
+        if on_progress is not None and record.get("type") == "archive_progress":
+            on_progress(
+                Progress(
+                    "create",
+                    current=float(record.get("original_size", 0)),
+                    message=str(record.get("path", "")),
+                    finished=bool(record.get("finished")),
+                )
+            )
+
+    return on_record
+
+
+def extract_progress(
+    on_progress: ProgressCallback | None,
+) -> Callable[[dict[str, Any]], None]:
+    """A ``--log-json`` record handler turning `borg extract` progress into Progress."""
+
+    def on_record(record: dict[str, Any]) -> None:
+        if on_progress is not None and record.get("type") == "progress_percent":
+            on_progress(
+                Progress(
+                    "extract",
+                    current=float(record.get("current", 0) or 0),
+                    total=float(record.get("total", 0) or 0) or None,
+                    message=str((record.get("info") or [""])[-1]),
+                    finished=bool(record.get("finished")),
+                )
+            )
+
+    return on_record
+
+
 def classify(error: CommandError, repository: Repository) -> EngineError:
     """The homesafe error for a failed borg call."""
     text = error.stderr_tail
@@ -556,17 +595,7 @@ class BorgEngine:
         on_progress: ProgressCallback | None = None,
         timestamp: datetime.datetime | None = None,
     ) -> ArchiveStats:
-        def on_record(record: dict[str, Any]) -> None:
-            if on_progress is not None and record.get("type") == "archive_progress":
-                on_progress(
-                    Progress(
-                        "create",
-                        current=float(record.get("original_size", 0)),
-                        message=str(record.get("path", "")),
-                        finished=bool(record.get("finished")),
-                    )
-                )
-
+        on_record = create_progress(on_progress)
         completed = run_borg(
             repository,
             create_argv(
@@ -638,18 +667,7 @@ class BorgEngine:
         *,
         on_progress: ProgressCallback | None = None,
     ) -> list[str]:
-        def on_record(record: dict[str, Any]) -> None:
-            if on_progress is not None and record.get("type") == "progress_percent":
-                on_progress(
-                    Progress(
-                        "extract",
-                        current=float(record.get("current", 0) or 0),
-                        total=float(record.get("total", 0) or 0) or None,
-                        message=str((record.get("info") or [""])[-1]),
-                        finished=bool(record.get("finished")),
-                    )
-                )
-
+        on_record = extract_progress(on_progress)
         completed = run_borg(
             repository,
             extract_argv(repository, archive_name, paths, progress=on_progress is not None),
