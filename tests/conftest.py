@@ -96,8 +96,11 @@ class Daemon:
         self.run("stop")
 
 
+DaemonFactory = Callable[[str], Daemon]
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     """Make real daemons; every one is stopped at the end of the test."""
     made: list[Daemon] = []
 

@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from homesafe import api
 from homesafe.errors import ArchiveNotFoundError, RepositoryNotFoundError
-from tests.conftest import Daemon, ManifestWriter, requires_program
+from tests.conftest import DaemonFactory, ManifestWriter, requires_program
 from tests.support.apps import describe, make_tree, to_toml
 
 pytestmark = requires_program("borg")
 
-DaemonFactory = Callable[[str], Daemon]
 FIVE_MB = 5 * 1024 * 1024
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from homesafe import api, journal, state
-from tests.conftest import Daemon, ManifestWriter, requires_program
+from tests.conftest import Daemon, DaemonFactory, ManifestWriter, requires_program
 from tests.support.apps import (
     alive,
     command_service,
@@ -46,7 +46,6 @@ from tests.support.apps import (
 
 pytestmark = requires_program("borg")
 
-DaemonFactory = Callable[[str], Daemon]
 HOMESAFE = shutil.which("homesafe", path=str(Path(sys.executable).parent)) or "homesafe"
 
 # Runs the real CLI with a kill point on the journal (see the module docstring).

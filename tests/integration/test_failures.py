@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ import pytest
 from homesafe import api
 from homesafe.errors import PassphraseError, RepositoryNotFoundError
 from homesafe.repositories import Repository
-from tests.conftest import Daemon, ManifestWriter, requires_program
+from tests.conftest import Daemon, DaemonFactory, ManifestWriter, requires_program
 from tests.support.apps import (
     actions,
     archive_paths,
@@ -31,7 +31,6 @@ from tests.support.apps import (
 
 pytestmark = requires_program("borg")
 
-DaemonFactory = Callable[[str], Daemon]
 REAL_BORG = "/usr/bin/borg"
 
 

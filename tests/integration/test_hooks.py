@@ -6,14 +6,13 @@ from __future__ import annotations
 import shlex
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from homesafe import api
 from homesafe.apps import App
 from homesafe.manifest import parse_manifest
-from tests.conftest import Daemon, ManifestWriter, requires_program
+from tests.conftest import DaemonFactory, ManifestWriter, requires_program
 from tests.support.apps import (
     archive_paths,
     command_service,
@@ -30,7 +29,6 @@ from tests.support.apps import (
 
 pytestmark = requires_program("borg")
 
-DaemonFactory = Callable[[str], Daemon]
 ENVIRONMENT_LINE = 'echo "$HOMESAFE_OPERATION|$HOMESAFE_APP|$HOMESAFE_ROOT|$HOMESAFE_ARCHIVE"'
 
 

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from homesafe import api, errors, restore
-from tests.conftest import Daemon, ManifestWriter, requires_program, requires_root
+from tests.conftest import (
+    Daemon,
+    DaemonFactory,
+    ManifestWriter,
+    requires_program,
+    requires_root,
+)
 from tests.integration.test_roundtrip import snapshot_tree
 from tests.support.apps import command_service, describe, errors_of, lockdown_flags, sh, to_toml
 
@@ -163,9 +169,9 @@ def test_swap_failure_rolls_back_what_was_already_swapped(
 
 
 def test_failing_restore_post_hook_rolls_the_app_back(
-    homesafe_env: Path, write_manifest: ManifestWriter, daemon_factory: object
+    homesafe_env: Path, write_manifest: ManifestWriter, daemon_factory: DaemonFactory
 ) -> None:
-    daemon = daemon_factory("hooked")  # type: ignore[operator]
+    daemon = daemon_factory("hooked")
     daemon.start()
     marker = homesafe_env / "break"
     base = write_app(
@@ -190,9 +196,9 @@ def test_failing_restore_post_hook_rolls_the_app_back(
 
 
 def test_service_that_will_not_start_on_restored_data_rolls_the_app_back(
-    homesafe_env: Path, write_manifest: ManifestWriter, daemon_factory: object
+    homesafe_env: Path, write_manifest: ManifestWriter, daemon_factory: DaemonFactory
 ) -> None:
-    daemon = daemon_factory("picky")  # type: ignore[operator]
+    daemon = daemon_factory("picky")
     daemon.start()
     base = write_app(
         write_manifest,
@@ -263,9 +269,9 @@ def test_newer_data_is_refused_unless_forced(
 
 
 def test_dry_run_lists_changes_and_changes_nothing(
-    homesafe_env: Path, write_manifest: ManifestWriter, daemon_factory: object
+    homesafe_env: Path, write_manifest: ManifestWriter, daemon_factory: DaemonFactory
 ) -> None:
-    daemon = daemon_factory("previewed")  # type: ignore[operator]
+    daemon = daemon_factory("previewed")
     daemon.start()
     base = write_app(write_manifest, homesafe_env / "srv", "previewed", daemon=daemon)
     backup = api.backup_apps()

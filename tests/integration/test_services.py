@@ -7,13 +7,13 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from homesafe import api
-from tests.conftest import Daemon, ManifestWriter, requires_program, requires_root
+from tests.conftest import Daemon, DaemonFactory, ManifestWriter, requires_program, requires_root
 from tests.support.apps import (
     actions,
     command_service,
@@ -29,8 +29,6 @@ from tests.support.apps import (
 from tests.support.runit import Runit
 
 pytestmark = requires_program("borg")
-
-DaemonFactory = Callable[[str], Daemon]
 
 
 def wait_for_new_ticks(daemon: Daemon, count: int, timeout: float = 3.0) -> bool:
