@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_PACKAGES := borgbackup zstd
-TEST_PACKAGES := borgbackup runit zstd e2fsprogs btrfs-progs xfsprogs openssh-server restic apache2
+DEMO_PACKAGES := borgbackup zstd rsync
+TEST_PACKAGES := borgbackup runit zstd rsync e2fsprogs btrfs-progs xfsprogs openssh-server restic apache2
 # borg 1.4 has no Debian package here: built from PyPI once, into its own venv.
 BORG14_VERSION := 1.4.5
 BORG14 ?= /opt/homesafe-borg-$(BORG14_VERSION)

@@ -84,6 +84,11 @@ class Daemon:
         path = self.state / "calls"
         return path.read_text().split() if path.exists() else []
 
+    def write_into(self, directory: Path) -> None:
+        """Make the daemon, from its next start, keep writing pairs of equal numbers
+        into ``directory`` (see daemon.py): a consistent copy holds equal ones."""
+        (self.state / "writes-to").write_text(str(directory))
+
     def fail_on(self, command: str) -> None:
         (self.state / f"fail-{command}").touch()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from homesafe import archives, journal, locations, restore, state
-from homesafe.apps import App, dependency_order, load_apps, select
+from homesafe.apps import App, dependency_groups, dependency_order, load_apps, select
 from homesafe.consistency import lockdown
 from homesafe.consistency.services import ServiceController, ServiceHandler
 from homesafe.engines import engine_for
@@ -35,6 +35,7 @@ from homesafe.engines.base import (
     Progress,
     ProgressCallback,
     PruneReport,
+    ReadView,
     RepositoryInfo,
     RetentionPolicy,
 )
@@ -275,6 +276,7 @@ class _Quiesced:
     # The services each app had stopped, kept after they are started again.
     stopped: dict[str, list[ServiceHandler]] = field(default_factory=dict)
     lockdown_entries: dict[str, int] = field(default_factory=dict)  # in the journal
+    left: bool = False
 
     def enter(self) -> None:
         """Lock every app down, then stop services: last app's last service first.
@@ -311,7 +313,11 @@ class _Quiesced:
                 result.fail("service_stop", error.message)
 
     def leave(self) -> None:
-        """Restart what was stopped (first app first), then lift every lockdown."""
+        """Restart what was stopped (first app first), then lift every lockdown.
+        Once: a second call does nothing."""
+        if self.left:
+            return
+        self.left = True
         for app in self.apps:
             controller = self.controllers.get(app.id)
             if controller is None:
@@ -443,21 +449,36 @@ def backup_apps(
     apps: dict[str, App] | None = None,
     on_progress: ProgressCallback | None = None,
     periods: Sequence[str] = (),
+    strategy: str | None = None,
 ) -> OperationResult:
     """Back up the named apps (every app when none is named) into one archive.
 
-    Apps are taken in dependency order, locked down, their running services stopped in
-    reverse order; ``backup_pre`` hooks run, then the engine (or ``handler(packet,
-    encryption_passphrase=...)`` when given, as in the reference design), then
-    ``backup_post`` hooks; finally services are restarted in order and lockdown is
-    lifted, whatever failed. Configuration problems (bad manifests, unknown apps, no
-    repository) raise before anything is touched; failures after that are recorded in
-    the returned result, whose ``status`` is ok, partial or failed, and in the history.
+    Apps are taken in dependency order, one dependency group at a time (apps linked by
+    ``depends``; see :func:`homesafe.apps.dependency_groups`): the group is locked
+    down, its running services stopped in reverse order, ``backup_pre`` hooks run, each
+    app's paths are captured (snapshot, reflink clone, or the last pass of a staged
+    copy: see :mod:`homesafe.consistency.capture`), and the group is resumed at once:
+    services restarted in order, lockdown lifted. Then the engine writes one archive
+    from the captured copies (or ``handler(packet, encryption_passphrase=...)`` when
+    given, as in the reference design, which reads the live paths: every app is then
+    held still until it returns), and ``backup_post`` hooks run. An app captured with
+    the ``stop`` strategy keeps its group held still until the archive is written.
+    Services and lockdown are put back, and snapshots and clones removed, whatever
+    failed.
+
+    ``strategy`` overrides every app's ``consistency`` (auto, snapshot, clone, stop,
+    live). Configuration problems (bad manifests, unknown apps, no repository) raise
+    before anything is touched; failures after that are recorded in the returned
+    result, whose ``status`` is ok, partial or failed, and in the history.
     ``periods``: the schedule periods a scheduled backup serves (kept in the comment).
     """
+    from homesafe.consistency import capture
+
     started_clock = time.monotonic()
     known = apps if apps is not None else load_apps()
     selected = select(known, app_ids)
+    if strategy is not None and strategy not in capture.REQUESTABLE:
+        raise UsageError(f"unknown strategy {strategy!r}: auto, snapshot, clone, stop or live")
     repository = _resolve_repository(repository)
     name = archives.check_name(archive_name) if archive_name else archives.default_name()
     result = OperationResult("backup", repository.name, name, started=_now())
@@ -468,24 +489,18 @@ def backup_apps(
         _ensure_repository(repository)
         repository.passphrase()  # fails early, before any service is stopped
     settings = {app.id: state.read_settings(app.manifest.settings) for app in selected}
+    views = handler is None and capture.views_available()
 
-    quiesced = _Quiesced(selected, results, "backup")
-    with _staging_directory() as staging:
+    held: list[_Quiesced] = []
+    with _staging_directory() as staging, capture.Captures(name) as captures:
         try:
-            quiesced.enter()
-            _run_hooks("backup_pre", selected, results, packet)
+            for group in dependency_groups(selected):
+                held.append(_capture_group(group, results, packet, captures, strategy, views))
             included = [app for app in selected if results[app.id].active]
-            paths: list[str] = []
-            for app in included:
-                for path in app.manifest.owned_paths():
-                    if os.path.lexists(path):
-                        results[app.id].paths.append(path)
-                        paths.append(path)
-                    else:
-                        results[app.id].warnings.append(f"{path} does not exist; not backed up")
+            paths = [path for app in included for path in results[app.id].paths]
             packet.apps = included
             # Sizes are measured while the engine reads (it is single-threaded): they
-            # cost no wall time there, and they are the sizes of what it captures.
+            # cost no wall time there.
             sizes = _measure_sizes_in_background(included, results, on_progress)
             if included:
                 _write_backup_metadata(Path(staging), name, comment, included, results, settings)
@@ -494,6 +509,7 @@ def backup_apps(
                     Path(staging),
                     archives.comment_summary([a.id for a in included], comment, periods),
                     on_progress,
+                    captures.view(),
                 )  # fmt: skip
                 if stats is not None:
                     result.engine_stats = stats
@@ -506,13 +522,90 @@ def backup_apps(
                     results[app.id].fail("engine", error.message)
             result.errors.append(BackupError("engine", "*", None, str(error)))
         finally:
-            quiesced.leave()
+            for quiesced in held:
+                quiesced.leave()
+            _remove_captures(captures, selected, results)
     for app in selected:
         if results[app.id].status == "failed" and not results[app.id].errors:
             results[app.id].fail("unknown", "failed")  # never a silent failure
     result.duration = time.monotonic() - started_clock
     _record_in_history(result)
     return result
+
+
+def _existing_paths(app: App, result: AppResult | None = None) -> list[str]:
+    """The app's paths that exist; with ``result``, a warning for each one missing."""
+    existing = []
+    for path in app.manifest.owned_paths():
+        if os.path.lexists(path):
+            existing.append(path)
+        elif result is not None:
+            result.warnings.append(f"{path} does not exist; not backed up")
+    return existing
+
+
+def _capture_group(
+    group: Sequence[App],
+    results: dict[str, AppResult],
+    packet: Packet,
+    captures: Any,
+    strategy: str | None,
+    views: bool,
+) -> _Quiesced:
+    """Hold one dependency group still just long enough to capture it.
+
+    Staged copies get their first pass while the apps run; then the group is quiesced,
+    its ``backup_pre`` hooks run (they may write files to capture, such as dumps), each
+    app is captured by its plan, and the group is resumed, unless an app of it must
+    stay stopped for the archive run. Returns the group's bracket (already left, or to
+    be left once the archive is written)."""
+    from homesafe.consistency.capture import plan_app
+
+    for app in group:
+        if not results[app.id].active:
+            continue
+        plan = plan_app(app.id, app.manifest, _existing_paths(app), strategy, views=views)
+        if plan.problem is not None:
+            results[app.id].fail("capture", plan.problem)
+            continue
+        try:
+            captures.prepare(plan)
+        except HomesafeError as error:
+            results[app.id].fail("capture", f"staged copy failed: {error.message}")
+    quiesced = _Quiesced(list(group), results, "backup")
+    quiesced.enter()
+    _run_hooks("backup_pre", group, results, packet)
+    hold_for_the_run = False
+    for app in group:
+        result = results[app.id]
+        if not result.active:
+            continue
+        result.paths = _existing_paths(app, result)
+        plan = plan_app(app.id, app.manifest, result.paths, strategy, views=views)
+        if plan.problem is not None:
+            result.fail("capture", plan.problem)
+            continue
+        try:
+            captures.capture(plan)
+        except HomesafeError as error:
+            result.fail("capture", f"{plan.strategy} failed: {error.message}")
+            continue
+        result.strategy = plan.strategy
+        result.warnings.extend(plan.notes)
+        hold_for_the_run = hold_for_the_run or plan.holds_still_for_the_run
+    if not hold_for_the_run:
+        quiesced.leave()
+    return quiesced
+
+
+def _remove_captures(captures: Any, apps: Sequence[App], results: dict[str, AppResult]) -> None:
+    """Remove the run's snapshots and clones; one that cannot be removed is a warning
+    (the archive is whole) naming ``homesafe recover``, which tries again."""
+    try:
+        captures.close()
+    except HomesafeError as error:
+        for app in apps:
+            results[app.id].warnings.append(f"{error.message} ({error.hint})")
 
 
 def _record_in_history(result: OperationResult) -> None:
@@ -543,7 +636,9 @@ def _write_backup_metadata(
                 "strategy": result.strategy,
                 # With the stop strategy, services are still stopped while the archive
                 # is written, so the downtime is known only after it (see the result).
-                "downtime_seconds": 0.0 if result.strategy == "live" else None,
+                "downtime_seconds": (
+                    None if result.strategy == "stop" else round(result.downtime, 6)
+                ),
                 "status": "captured",
                 "paths": result.paths,
                 "settings": archives.settings_member(app.id),
@@ -563,6 +658,7 @@ def _create(
     staging: Path,
     comment: str,
     on_progress: ProgressCallback | None,
+    view: ReadView | None = None,
 ) -> ArchiveStats | None:
     if handler is not None:
         try:
@@ -581,6 +677,7 @@ def _create(
         working_directory=staging,
         comment=comment,
         on_progress=on_progress,
+        view=view,
     )
 
 

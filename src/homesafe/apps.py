@@ -280,6 +280,33 @@ def dependency_order(apps: Iterable[App]) -> list[App]:
     return ordered
 
 
+def dependency_groups(ordered: Sequence[App]) -> list[list[App]]:
+    """``ordered`` (in dependency order) split into groups of apps linked by
+    dependencies, either way: apps of different groups have nothing to do with each
+    other and can be held still one group at a time. Each group keeps the order of
+    ``ordered``; groups come in the order of their first app."""
+    group_of = {app.id: index for index, app in enumerate(ordered)}
+
+    # Union-find over positions: each app points at the first app of its group.
+    parent = list(range(len(ordered)))
+
+    def find(position: int) -> int:
+        while parent[position] != position:
+            parent[position] = parent[parent[position]]
+            position = parent[position]
+        return position
+
+    for position, app in enumerate(ordered):
+        for dependency in app.manifest.depends:
+            if dependency in group_of:
+                first, second = find(position), find(group_of[dependency])
+                parent[max(first, second)] = min(first, second)
+    groups: dict[int, list[App]] = {}
+    for position, app in enumerate(ordered):
+        groups.setdefault(find(position), []).append(app)
+    return [groups[key] for key in sorted(groups)]
+
+
 def select(apps: dict[str, App], app_ids: Sequence[str] | None) -> list[App]:
     """The apps named (all when ``app_ids`` is empty or None), in dependency order."""
     if not app_ids:

@@ -61,6 +61,14 @@ def lockdown_directory() -> Path:
     return home() / "lockdown"
 
 
+def staging_directory() -> Path:
+    """Where staged copies of apps are kept between backups (``HOMESAFE_STAGING``,
+    default ``$HOMESAFE_HOME/staging``): kept, so that the next backup copies only
+    what changed and the engine's cache of unchanged files stays valid."""
+    configured = os.environ.get("HOMESAFE_STAGING")
+    return Path(configured) if configured else home() / "staging"
+
+
 def state_database() -> Path:
     return home() / "state.db"
 

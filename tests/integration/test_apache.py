@@ -127,7 +127,7 @@ def test_enabled_parts_are_disabled_for_the_backup_and_served_again_after(
     assert enabled_links() == links
     assert running_pid() == pid  # reloaded gracefully, never restarted
     web = result.app("web")
-    assert web.strategy == "stop" and web.downtime > 0
+    assert web.strategy == "staged" and web.downtime > 0
     assert lockdown_flags(homesafe_env) == []
 
 

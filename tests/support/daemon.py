@@ -9,6 +9,12 @@ Failure injection, for tests: if STATE_DIR/fail-stop exists, ``stop`` exits 1 an
 the daemon running; if STATE_DIR/fail-start exists, ``start`` exits 1 and starts nothing
 (STATE_DIR/fail-start-once: the same, once, then the marker is gone).
 Every call is appended to STATE_DIR/calls, so tests can check the order of operations.
+
+A writer, for consistency tests: if STATE_DIR/writes-to names a directory, every tick
+also writes the tick's number to DIRECTORY/first and then, a moment later, to
+DIRECTORY/second, and appends it to DIRECTORY/log. Stopped (SIGTERM), it finishes the
+pair first: the two files hold the same number whenever the writer is not running, and
+a copy taken while it runs often catches them different.
 """
 
 from __future__ import annotations
@@ -33,6 +39,21 @@ def running_pid(state: Path) -> int | None:
     return None if fields[0] in ("Z", "X") else pid
 
 
+def writes_to(state: Path) -> Path | None:
+    try:
+        return Path((state / "writes-to").read_text().strip())
+    except OSError:
+        return None
+
+
+def write_pair(target: Path, number: int) -> None:
+    (target / "first").write_text(f"{number}\n")
+    time.sleep(0.01)
+    (target / "second").write_text(f"{number}\n")
+    with open(target / "log", "a") as log:
+        log.write(f"{number} {time.time()}\n")
+
+
 def start(state: Path) -> int:
     once = state / "fail-start-once"
     if once.exists():
@@ -51,11 +72,21 @@ def start(state: Path) -> int:
             for descriptor in (0, 1, 2):
                 os.dup2(devnull, descriptor)
             (state / "pid").write_text(str(os.getpid()))
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-            while True:
+            target = writes_to(state)
+            stopping: list[bool] = []
+            if target is None:
+                signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            else:  # finish the pair first
+                signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+            number = 0
+            while not stopping:
                 with open(state / "ticks", "a") as ticks:
                     ticks.write(f"{time.time()}\n")
+                if target is not None:
+                    number += 1
+                    write_pair(target, number)
                 time.sleep(0.05)
+            os._exit(0)
         os._exit(0)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

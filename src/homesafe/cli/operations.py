@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 @click.argument("app_ids", nargs=-1, metavar="[APP]...")
 @click.option("--comment", help="A comment stored with the archive.")
 @click.option("--name", "archive_name", help="Archive name (default: HOST-UTCTIME).")
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "snapshot", "clone", "stop", "live"]),
+    help="How to hold every app still, instead of each manifest's `consistency`.",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be backed up; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @repository_option
@@ -27,30 +32,49 @@ def backup_command(
     app_ids: tuple[str, ...],
     comment: str | None,
     archive_name: str | None,
+    strategy: str | None,
     dry_run: bool,
     as_json: bool,
     repository_name: str | None,
 ) -> None:
     """Back up apps (every app when none is named) into one new archive.
 
-    Each app is locked down and its running services are stopped (last app first)
-    while it is captured, then restarted in order. Failures of one app do not stop
-    the others: the exit status is 3 when some apps failed, 1 when all did.
+    Apps linked by dependencies are held still together, one group at a time: locked
+    down, running services stopped (dependents first), captured, and restarted in
+    order at once. How an app is captured is its strategy (the manifest's
+    `consistency`, or --strategy): `snapshot` (btrfs: read-only snapshots, held still
+    for milliseconds), `clone` (XFS/btrfs reflink copies), `stop` (a staged copy
+    brought up to date while the app runs, then once more for what changed while it
+    is stopped; or stopped for the whole archive run when the staging area is short of
+    space), `live` (not held still), and `auto`, the default: the cheapest safe one
+    for each path. The archive is then written from the captured copies, under the
+    original paths. Failures of one app do not stop the others: the exit status is 3
+    when some apps failed, 1 when all did.
     """
     from homesafe import api
     from homesafe.apps import load_apps, select
 
     if dry_run:
+        from homesafe.consistency.capture import plan_app
+
         selected = select(load_apps(), app_ids)
-        plan = [
-            {
-                "app": app.id,
-                "paths": app.manifest.owned_paths(),
-                "services_to_stop": [service.name for service in reversed(app.manifest.services)],
-                "settings": app.manifest.settings,
-            }
-            for app in selected
-        ]
+        plan: list[dict[str, Any]] = []
+        for app in selected:
+            existing = [path for path in app.manifest.owned_paths() if Path(path).exists()]
+            capture = plan_app(app.id, app.manifest, existing, strategy)
+            plan.append(
+                {
+                    "app": app.id,
+                    "paths": app.manifest.owned_paths(),
+                    "strategy": capture.strategy if capture.problem is None else None,
+                    "problem": capture.problem,
+                    "notes": capture.notes,
+                    "services_to_stop": [
+                        service.name for service in reversed(app.manifest.services)
+                    ],
+                    "settings": app.manifest.settings,
+                }
+            )
         if as_json:
             print_json({"dry_run": True, "apps": plan})
         else:
@@ -60,6 +84,7 @@ def backup_command(
                     click.echo(f"  {path}")
                 if entry["services_to_stop"]:
                     click.echo(f"  stops: {', '.join(entry['services_to_stop'])}")
+                click.echo(f"  strategy: {entry['strategy'] or entry['problem']}")
         return
     with progress_bar("backup", enabled=not as_json) as on_progress:
         result = api.backup_apps(
@@ -68,6 +93,7 @@ def backup_command(
             archive_name=archive_name,
             comment=comment,
             on_progress=on_progress,
+            strategy=strategy,
         )
     _alert_failure(result)
     _finish(result, as_json)

@@ -40,6 +40,26 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+@dataclass(frozen=True)
+class ReadView:
+    """Where ``create`` reads the paths it archives from, when not from the live system.
+
+    ``wrapper`` is an argv prefix that runs the engine with captured copies (snapshots,
+    clones, staged copies) mounted at their original paths, so that the archive and
+    the engine's cache of unchanged files see the original paths
+    (:func:`homesafe.consistency.view.wrapper_argv`). ``stable_inodes`` is False when a
+    copy was made anew for this run (a reflink clone): its inode numbers and change
+    times are new although the contents are not, so the engine must tell unchanged
+    files by size and modification time only, or it would read every file again.
+    ``excludes`` are absolute paths in the view that are not part of any app (the
+    directory holding snapshots, when it is inside an app's path).
+    """
+
+    wrapper: tuple[str, ...] = ()
+    stable_inodes: bool = True
+    excludes: tuple[str, ...] = ()
+
+
 @dataclass
 class ArchiveStats:
     """Sizes of one archive as the engine reports them."""
@@ -191,8 +211,10 @@ class Engine(Protocol):
         comment: str,
         on_progress: ProgressCallback | None = None,
         timestamp: datetime.datetime | None = None,
+        view: ReadView | None = None,
     ) -> ArchiveStats:
-        """Write one archive; ``timestamp`` (default: now) is the time it is filed under."""
+        """Write one archive; ``timestamp`` (default: now) is the time it is filed under;
+        ``view``: read the paths through a capture view instead of the live system."""
         ...
 
     def list_archives(self, repository: Repository) -> list[ArchiveSummary]: ...

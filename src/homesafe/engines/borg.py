@@ -44,6 +44,7 @@ from homesafe.engines.base import (
     Progress,
     ProgressCallback,
     PruneReport,
+    ReadView,
     RepositoryInfo,
     RetentionPolicy,
 )
@@ -175,10 +176,17 @@ def create_argv(
     *,
     progress: bool,
     timestamp: datetime.datetime | None = None,
+    view: ReadView | None = None,
 ) -> list[str]:
     argv = [BORG, "create", "--json", "--log-json"]
     if progress:
         argv.append("--progress")
+    if view is not None and not view.stable_inodes:
+        # Copies made anew for this run have new inodes and change times: without this
+        # every file would look changed and be read again.
+        argv.append("--files-cache=mtime,size")
+    for excluded in view.excludes if view is not None else ():
+        argv += ["--exclude", "pp:" + excluded]
     if timestamp is not None:
         # borg reads a naive time as UTC.
         utc = timestamp.astimezone(datetime.UTC).replace(tzinfo=None)
@@ -333,13 +341,15 @@ def run_borg(
     stdout_path: Path | None = None,
     environment: dict[str, str] | None = None,
     secrets: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
 ) -> execute.Completed:
     """Run one borg command for ``repository``, turning its errors into homesafe's.
 
     A lock that outlived its (dead, local) holder is broken once and the command run
-    again; see the module docstring.
+    again; see the module docstring. ``wrapper``: an argv prefix that borg runs under
+    (a capture view, see :class:`~homesafe.engines.base.ReadView`).
     """
-    argv = with_lock_wait(repository, argv)
+    argv = [*wrapper, *with_lock_wait(repository, argv)]
     try:
         return _run_borg_once(
             repository,
@@ -594,6 +604,7 @@ class BorgEngine:
         comment: str,
         on_progress: ProgressCallback | None = None,
         timestamp: datetime.datetime | None = None,
+        view: ReadView | None = None,
     ) -> ArchiveStats:
         on_record = create_progress(on_progress)
         completed = run_borg(
@@ -605,10 +616,12 @@ class BorgEngine:
                 escape_comment(comment),
                 progress=on_progress is not None,
                 timestamp=timestamp,
+                view=view,
             ),
             accept_warnings=True,
             on_record=on_record,
             working_directory=working_directory,
+            wrapper=view.wrapper if view is not None else (),
         )
         report = json.loads(completed.stdout)["archive"]
         stats = report.get("stats", {})

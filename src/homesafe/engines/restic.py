@@ -50,6 +50,7 @@ from homesafe.engines.base import (
     Progress,
     ProgressCallback,
     PruneReport,
+    ReadView,
     RepositoryInfo,
     RetentionPolicy,
 )
@@ -224,9 +225,15 @@ def backup_argv(
     *,
     parent: str | None = None,
     timestamp: datetime.datetime | None = None,
+    view: ReadView | None = None,
 ) -> list[str]:
     argv = [RESTIC, "backup", *common_options(repository), "--json"]
     argv += ["--compression", repository.compression]
+    if view is not None and not view.stable_inodes:
+        # Copies made anew for this run: new inodes and change times, same contents.
+        argv += ["--ignore-inode", "--ignore-ctime"]
+    for excluded in view.excludes if view is not None else ():
+        argv += ["--exclude", escape_pattern(excluded)]
     for tag in tags:
         argv += ["--tag", tag]
     if parent:
@@ -392,8 +399,11 @@ def run_restic(
     stdout_path: Path | None = None,
     extra_secrets: Sequence[str] = (),
     replace_argument: str | None = None,
+    wrapper: Sequence[str] = (),
 ) -> execute.Completed:
     """Run one restic command for ``repository``, turning its errors into homesafe's.
+
+    ``wrapper``: an argv prefix that restic runs under (a capture view).
 
     While the repository is locked by another process, stale locks are removed and the
     command is tried again, up to ``repository.lock_wait`` seconds. ``extra_secrets``
@@ -411,6 +421,7 @@ def run_restic(
                 stdout_path,
                 extra_secrets,
                 replace_argument,
+                wrapper,
             )
         except RepositoryLockedError as error:
             if time.monotonic() >= deadline:
@@ -442,6 +453,7 @@ def _run_restic_once(
     stdout_path: Path | None,
     extra_secrets: Sequence[str],
     replace_argument: str | None,
+    wrapper: Sequence[str] = (),
 ) -> execute.Completed:
     removed = ["RESTIC_PASSWORD", "RESTIC_PASSWORD_COMMAND", "RESTIC_PASSWORD_FILE"]
     if repository.passphrase_environment:
@@ -451,7 +463,7 @@ def _run_restic_once(
             argv = [paths[0] if part == replace_argument else part for part in argv]
         try:
             completed = execute.run(
-                argv,
+                [*wrapper, *argv],
                 environment=environment,
                 # The caller's, not ours (execute removes after adding).
                 remove_environment=[name for name in removed if name not in environment],
@@ -560,6 +572,7 @@ class ResticEngine:
         comment: str,
         on_progress: ProgressCallback | None = None,
         timestamp: datetime.datetime | None = None,
+        view: ReadView | None = None,
     ) -> ArchiveStats:
         existing = self.snapshots(repository)
         if any(snapshot_name(snapshot) == archive_name for snapshot in existing):
@@ -575,9 +588,11 @@ class ResticEngine:
                 archive_tags(archive_name, comment),
                 parent=choose_parent(existing, absolute),
                 timestamp=timestamp,
+                view=view,
             ),
             accept_returncodes=(0, INCOMPLETE_SNAPSHOT),
             working_directory=working_directory,
+            wrapper=view.wrapper if view is not None else (),
         )
         summary: dict[str, Any] = {}
         for record in _json_lines(completed.stdout):

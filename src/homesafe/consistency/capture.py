@@ -1,0 +1,495 @@
+"""Capture strategies: how each app's paths are held still for as short a time as can be.
+
+An app is *quiesced* (locked down, services stopped) only for the moment its paths are
+captured; the archive is then written from the captured copies while the app runs again.
+Per path, the cheapest safe way is chosen:
+
+* ``snapshot``: the path is on btrfs: a read-only snapshot of the subvolume holding it
+  (and of every subvolume nested below it, which a snapshot leaves out) is taken in
+  ``.homesafe-snapshots/`` at the subvolume's root. It costs milliseconds whatever the
+  size. LVM thin snapshots exist as primitives in :mod:`.snapshots` but need a mount per
+  snapshot and cannot be exercised where homesafe is developed, so ``auto`` does not
+  pick them.
+* ``clone``: the filesystem makes reflink copies (XFS with reflink=1, and btrfs when a
+  clone is asked for): ``cp --reflink=always`` into ``.homesafe-clones/`` at the root of
+  the filesystem. Metadata only, so it grows with the number of files, not their size.
+* ``staged``: any other filesystem: a copy kept in :func:`locations.staging_directory`
+  is brought up to date by ``rsync`` while the app runs (:meth:`Captures.prepare`), then,
+  quiesced, once more for what changed since (:meth:`Captures.capture`): the downtime
+  grows with what changed during the first copy. Files whose change time is after the
+  first copy began are copied again whatever their size and modification time say
+  (those can be set back by a program; the change time cannot). When the staging area
+  is short of space, the app is stopped for the whole archive run instead (``stop``),
+  and the result says why.
+* ``live``: nothing held still: the app says it is safe (``consistency = "live"``) or,
+  under ``auto``, it has nothing to hold still (no services, no lockdown commands).
+
+An app's strategy is the costliest its paths needed (live < snapshot < clone < staged <
+stop); an explicit ``snapshot`` or ``clone`` that some path cannot have fails the app
+with the reason, before it is touched. ``stop`` asks for a staged copy and falls back to
+stopping for the run.
+
+The engine reads the copies through a private mount namespace where each copy is bind
+mounted over its original path (:mod:`.view`), so the archive holds the original paths.
+That needs root; without it (or with a Python caller's own backup handler, which reads
+the live paths), every app that needs holding still is stopped for the run.
+
+Snapshots and clones are recorded in the operation's journal as soon as they exist and
+removed by :meth:`Captures.close` however the backup ends (or by ``homesafe recover``
+after a crash). Staged copies stay for the next backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from homesafe import execute, journal, locations
+from homesafe.consistency import snapshots
+from homesafe.consistency.view import wrapper_argv
+from homesafe.engines.base import ReadView
+from homesafe.errors import CommandError, HomesafeError
+from homesafe.manifest import Manifest, is_inside
+
+__all__ = [
+    "METHODS",
+    "REQUESTABLE",
+    "AppCapturePlan",
+    "CaptureError",
+    "Captures",
+    "plan_app",
+    "views_available",
+]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["live", "snapshot", "clone", "staged", "stop"]
+# Cheapest first: an app's strategy is the last of these any of its paths needed.
+METHODS: tuple[Method, ...] = ("live", "snapshot", "clone", "staged", "stop")
+# What a manifest's ``consistency`` or ``--strategy`` may ask for.
+REQUESTABLE = ("auto", "snapshot", "clone", "stop", "live")
+SNAPSHOT_DIRECTORY = ".homesafe-snapshots"
+CLONE_DIRECTORY = ".homesafe-clones"
+# Filesystems worth probing for reflinks (btrfs has snapshots, which come first).
+REFLINK_FILESYSTEMS = frozenset({"xfs", "btrfs", "bcachefs", "ocfs2", "zfs"})
+# A file changed this long before the first copy began is copied again under quiesce:
+# change times come from a coarse clock (a few milliseconds).
+CHANGE_TIME_MARGIN_NS = 1_000_000_000
+# Space a staged copy must leave free on its filesystem, beyond its own growth.
+STAGING_RESERVE_BYTES = 64 * 1024 * 1024
+STAGING_RESERVE_FRACTION = 0.02
+COPY_TIMEOUT = 6 * 3600.0
+RSYNC_OPTIONS = ("-aHAX", "--numeric-ids", "--delete")
+
+
+class CaptureError(HomesafeError):
+    """A path could not be captured the way its app needs."""
+
+
+@dataclass
+class PathPlan:
+    path: str
+    method: Method
+
+
+@dataclass
+class AppCapturePlan:
+    """How one app is captured: its strategy, the method per path, and why it is not
+    cheaper (``notes``). ``problem``: the asked-for strategy is impossible; the app
+    fails with it before anything is touched."""
+
+    app_id: str
+    strategy: Method
+    paths: list[PathPlan] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def holds_still_for_the_run(self) -> bool:
+        return self.strategy == "stop"
+
+
+def views_available() -> bool:
+    """Whether copies can be shown at their original paths to the engine: a private
+    mount namespace needs root (CAP_SYS_ADMIN) and ``unshare``."""
+    return locations.running_as_root() and shutil.which("unshare") is not None
+
+
+def _has_nothing_to_hold_still(manifest: Manifest) -> bool:
+    return not manifest.services and not manifest.lockdown.enter
+
+
+def _can_snapshot(path: str) -> str | None:
+    """None when ``path`` can be captured by a btrfs snapshot, else why not."""
+    kind = snapshots.filesystem_type(path)
+    if kind != "btrfs":
+        return f"{path} is on {kind}, not btrfs"
+    return None
+
+
+def _can_clone(path: str) -> str | None:
+    kind = snapshots.filesystem_type(path)
+    if kind not in REFLINK_FILESYSTEMS:
+        return f"{path} is on {kind}, which makes no reflink copies"
+    root = snapshots.mount_of(path).mount_point
+    if not snapshots.supports_reflink(root):
+        return f"{path} is on {kind} without reflink support"
+    return None
+
+
+def _cheapest(path: str, *, views: bool) -> tuple[Method, str | None]:
+    """The cheapest way to capture ``path`` safely, and why nothing cheaper (or None)."""
+    if not views:
+        return "stop", None
+    if os.path.islink(path):
+        return "live", None  # a symlink is its target's name: read as it is
+    refused = _can_snapshot(path)
+    if refused is None:
+        return "snapshot", None
+    cannot_clone = _can_clone(path)
+    if cannot_clone is None:
+        return "clone", None
+    return "staged", cannot_clone
+
+
+def plan_app(
+    app_id: str,
+    manifest: Manifest,
+    paths: Sequence[str],
+    requested: str | None = None,
+    *,
+    views: bool | None = None,
+) -> AppCapturePlan:
+    """Choose how to capture ``paths`` (the app's existing paths) of one app.
+
+    ``requested`` overrides the manifest's ``consistency`` (the CLI's ``--strategy``);
+    ``views``: whether copies can be read at their original paths (default:
+    :func:`views_available`). Looks at filesystems only; changes nothing.
+    """
+    wanted = requested or manifest.consistency
+    views = views_available() if views is None else views
+    plan = AppCapturePlan(app_id, "live")
+    if wanted == "live" or (wanted == "auto" and _has_nothing_to_hold_still(manifest)):
+        plan.paths = [PathPlan(path, "live") for path in paths]
+        return plan
+    if not views:
+        plan.strategy = "stop"
+        plan.paths = [PathPlan(path, "stop") for path in paths]
+        if wanted != "stop":
+            plan.notes.append(
+                "services stayed stopped for the archive run: reading snapshots, clones "
+                "or staged copies at the original paths needs root (a private mount "
+                "namespace)"
+            )
+        return plan
+    for path in paths:
+        if wanted in ("snapshot", "clone"):
+            refused = _can_snapshot(path) if wanted == "snapshot" else _can_clone(path)
+            if refused is not None and not os.path.islink(path):
+                plan.problem = f"consistency = {wanted} is impossible: {refused}"
+                return plan
+            method: Method = "live" if os.path.islink(path) else wanted  # type: ignore[assignment]
+        elif wanted == "stop":
+            method = "live" if os.path.islink(path) else "staged"
+        else:
+            method, _ = _cheapest(path, views=views)
+        plan.paths.append(PathPlan(path, method))
+    plan.strategy = max(
+        (entry.method for entry in plan.paths), key=METHODS.index, default="snapshot"
+    )
+    if not plan.paths:
+        plan.strategy = "snapshot" if wanted == "snapshot" else "live"
+    if plan.strategy == "staged" and shutil.which("rsync") is None:
+        _stop_for_the_run(plan, "rsync is not installed (Debian package rsync)")
+    return plan
+
+
+def _stop_for_the_run(plan: AppCapturePlan, reason: str) -> None:
+    plan.strategy = "stop"
+    plan.paths = [PathPlan(entry.path, "stop") for entry in plan.paths]
+    plan.notes.append(f"services stayed stopped for the archive run: {reason}")
+
+
+# -- the captures of one backup -------------------------------------------------------
+
+
+def _staged_copy(app_id: str, path: str) -> Path:
+    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+    return locations.staging_directory() / app_id / f"{digest}-{Path(path).name or 'root'}"
+
+
+def _rsync_argv(source: str, destination: Path) -> list[str]:
+    # A trailing slash copies a directory's contents into ``destination`` itself.
+    origin = source.rstrip("/") + "/" if os.path.isdir(source) else source
+    return ["rsync", *RSYNC_OPTIONS, "--", origin, os.fspath(destination)]
+
+
+def _tree_bytes(path: str | Path) -> int:
+    total = 0
+    for found, directories, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(found, name)).st_blocks * 512
+        total += len(directories) * 4096
+    if not os.path.isdir(path):
+        with contextlib.suppress(OSError):
+            total += os.lstat(path).st_blocks * 512
+    return total
+
+
+def _staging_shortfall(paths: Sequence[str], copies: Sequence[Path]) -> str | None:
+    """Why the staged copies of ``paths`` would not fit, or None when they do."""
+    directory = locations.staging_directory()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    growth = sum(_tree_bytes(path) for path in paths) - sum(
+        _tree_bytes(copy) for copy in copies if os.path.lexists(copy)
+    )
+    facts = os.statvfs(directory)
+    free = facts.f_bavail * facts.f_frsize
+    size = facts.f_blocks * facts.f_frsize
+    reserve = max(STAGING_RESERVE_BYTES, int(size * STAGING_RESERVE_FRACTION))
+    if growth + reserve > free:
+        return (
+            f"not enough space to stage a copy in {directory}: it needs "
+            f"{max(growth, 0) // 2**20} MiB more and {reserve // 2**20} MiB to spare, "
+            f"{free // 2**20} MiB are free (set HOMESAFE_STAGING to a roomier place)"
+        )
+    return None
+
+
+class Captures:
+    """The snapshots, clones and staged copies of one backup run, and the view the
+    engine reads them through. Use as a context manager: :meth:`close` removes every
+    snapshot and clone, whatever happened."""
+
+    def __init__(self, run_name: str) -> None:
+        self.run_name = run_name
+        self.binds: list[tuple[str, str]] = []
+        self.excludes: list[str] = []
+        self.stable_inodes = True
+        self._stack = contextlib.ExitStack()
+        self._snapshots: list[tuple[Path, int]] = []  # (path, journal entry)
+        self._snapshot_directories: set[Path] = set()
+        self._clone_directories: dict[str, Path] = {}  # mount point -> directory of run
+        self._staging_started: dict[str, int] = {}  # path -> time_ns of its first copy
+        self._stop_reasons: dict[str, str] = {}  # app -> why it cannot be staged
+        self._counter = 0
+
+    def __enter__(self) -> Captures:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def view(self) -> ReadView | None:
+        """The view of every capture made, or None when the engine reads live paths."""
+        if not self.binds:
+            return None
+        return ReadView(
+            wrapper=tuple(wrapper_argv(self.binds)),
+            stable_inodes=self.stable_inodes,
+            excludes=tuple(self.excludes),
+        )
+
+    # -- before the quiesce --------------------------------------------------------
+
+    def prepare(self, plan: AppCapturePlan) -> None:
+        """Work that needs no quiesce: the first copy of every staged path (while the
+        app runs); a staging area short of space turns the plan into ``stop``."""
+        staged = [entry.path for entry in plan.paths if entry.method == "staged"]
+        if not staged:
+            return
+        copies = [_staged_copy(plan.app_id, path) for path in staged]
+        shortfall = _staging_shortfall(staged, copies)
+        if shortfall is not None:
+            self._stop_reasons[plan.app_id] = shortfall
+            _stop_for_the_run(plan, shortfall)
+            return
+        for path, copy in zip(staged, copies, strict=True):
+            copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._staging_started[path] = time.time_ns()
+            self._copy(path, copy)
+
+    # -- under the quiesce --------------------------------------------------------
+
+    def capture(self, plan: AppCapturePlan) -> None:
+        """Take the app's snapshots, clones and last staged copies (call it quiesced).
+        Raises :class:`CaptureError` (or a command's error) when one cannot be made;
+        what was made stays recorded for :meth:`close`. A plan whose staged copy did not
+        fit (:meth:`prepare`) becomes ``stop`` here too."""
+        reason = self._stop_reasons.get(plan.app_id)
+        if reason is not None and plan.strategy != "live":
+            _stop_for_the_run(plan, reason)
+        for entry in plan.paths:
+            if entry.method == "snapshot":
+                self._snapshot(entry.path)
+            elif entry.method == "clone":
+                self._clone(entry.path)
+            elif entry.method == "staged":
+                self._finish_staged_copy(plan.app_id, entry.path)
+
+    def _next_name(self) -> str:
+        self._counter += 1
+        return f"{self.run_name}-{self._counter}"
+
+    def _snapshot(self, path: str) -> None:
+        subvolume = snapshots.subvolume_of(path)
+        original = Path(os.path.realpath(path))
+        for source, copy in self._snapshot_tree(subvolume, original):
+            self.binds.append((os.fspath(copy), os.fspath(source)))
+        holder = subvolume.path / SNAPSHOT_DIRECTORY
+        if is_inside(os.fspath(holder), os.fspath(original)):
+            self.excludes.append(os.fspath(Path(path) / holder.relative_to(original)))
+
+    def _snapshot_tree(
+        self, subvolume: snapshots.Subvolume, path: Path, holder: Path | None = None
+    ) -> Iterator[tuple[Path, Path]]:
+        """Snapshot ``subvolume`` and yield (``path``, its place in the snapshot), then
+        the same for each subvolume nested below ``path`` (a snapshot holds none).
+        Nested subvolumes' snapshots go into the outermost one's ``holder``, so that
+        one directory is all there is to leave out of the archive."""
+        holder = holder or subvolume.path / SNAPSHOT_DIRECTORY
+        taken = self._take_snapshot(subvolume, holder)
+        yield path, taken / path.relative_to(subvolume.path)
+        if not path.is_dir() or path.is_symlink():
+            return
+        for name in snapshots.nested_subvolumes(subvolume):
+            nested = subvolume.path / name
+            if SNAPSHOT_DIRECTORY in Path(name).parts:
+                continue  # a snapshot of an earlier run that could not be deleted
+            if not is_inside(os.fspath(nested), os.fspath(path)):
+                continue
+            yield from self._snapshot_tree(snapshots.subvolume_at(nested), nested, holder)
+
+    def _take_snapshot(self, subvolume: snapshots.Subvolume, holder: Path) -> Path:
+        if not holder.is_dir():
+            holder.mkdir(mode=0o700)
+            self._snapshot_directories.add(holder)
+        taken = snapshots.take_snapshot(subvolume, holder, self._next_name())
+        # Journaled once it exists: recovery deletes it if homesafe dies holding it.
+        entry = journal.active().record(
+            journal.COMMAND,
+            {
+                "description": f"snapshot {taken.path} of {subvolume.path}",
+                "undo": snapshots.delete_subvolume_argv(taken.path),
+            },
+        )
+        self._snapshots.append((taken.path, entry))
+        self._snapshot_directories.add(holder)
+        return taken.path
+
+    def _clone(self, path: str) -> None:
+        mount_point = snapshots.mount_of(path).mount_point
+        directory = self._clone_directories.get(mount_point)
+        if directory is None:
+            holder = Path(mount_point) / CLONE_DIRECTORY
+            holder.mkdir(mode=0o700, exist_ok=True)
+            directory = self._stack.enter_context(
+                journal.temporary_directory(holder, f"{self.run_name}-")
+            )
+            self._clone_directories[mount_point] = directory
+        copy = directory / str(len(self.binds))
+        if os.path.realpath(path) == os.path.realpath(mount_point):
+            self._clone_entries(path, copy)
+        else:
+            snapshots.reflink_clone(path, copy)
+        self.binds.append((os.fspath(copy), path))
+        self.stable_inodes = False
+
+    def _clone_entries(self, path: str, copy: Path) -> None:
+        """Clone the root of a filesystem entry by entry: the clones' own directory is
+        in it and must not be cloned into itself."""
+        copy.mkdir(mode=0o700)
+        entries = [entry.path for entry in os.scandir(path) if entry.name != CLONE_DIRECTORY]
+        if entries:
+            argv = ["cp", "-a", "--reflink=always", "--target-directory", os.fspath(copy)]
+            execute.run([*argv, "--", *entries], timeout=COPY_TIMEOUT)
+        status = os.lstat(path)
+        os.chown(copy, status.st_uid, status.st_gid)
+        shutil.copystat(path, copy)
+
+    def _copy(self, path: str, copy: Path) -> None:
+        try:
+            execute.run(_rsync_argv(path, copy), timeout=COPY_TIMEOUT)
+        except CommandError as error:
+            if "No space left" in error.stderr_tail:
+                raise CaptureError(
+                    f"the staged copy of {path} filled {locations.staging_directory()}",
+                    hint="Free space there or set HOMESAFE_STAGING to a roomier place.",
+                ) from error
+            raise
+
+    def _finish_staged_copy(self, app_id: str, path: str) -> None:
+        copy = _staged_copy(app_id, path)
+        started = self._staging_started.get(path)
+        if started is None:
+            # Made by a backup_pre hook (a dump, say): copied whole, now.
+            copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            _mark_changed_since(path, copy, started - CHANGE_TIME_MARGIN_NS)
+        self._copy(path, copy)
+        self.binds.append((os.fspath(copy), path))
+
+    # -- afterwards ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Delete every snapshot and clone of this run (the journal keeps what cannot
+        be deleted, for ``homesafe recover``); staged copies stay."""
+        failures = []
+        for path, entry in reversed(self._snapshots):
+            try:
+                snapshots.delete_subvolume(path)
+            except HomesafeError as error:
+                failures.append(f"{path}: {error.message}")
+                logger.warning("could not delete the snapshot %s: %s", path, error.message)
+            else:
+                journal.active().undone(entry)
+        self._snapshots.clear()
+        self._stack.close()
+        holders = [directory.parent for directory in self._clone_directories.values()]
+        for directory in [*self._snapshot_directories, *holders]:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty: another run's may be in it
+        self._snapshot_directories.clear()
+        self._clone_directories.clear()
+        if failures:
+            raise CaptureError(
+                "could not remove " + "; ".join(failures),
+                hint="`homesafe recover` tries again.",
+            )
+
+
+def _mark_changed_since(path: str, copy: Path, since_ns: int) -> None:
+    """Make rsync copy again every file of ``path`` changed since ``since_ns``: its
+    copy's modification time is set to 0, so rsync's size-and-time check cannot take
+    it for unchanged (a program may set a file's times back; its change time is set
+    by the kernel)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        candidates: Iterator[tuple[str, str]] = iter([(path, "")])
+    else:
+        candidates = _walk_files(path)
+    for source, relative in candidates:
+        try:
+            if os.lstat(source).st_ctime_ns < since_ns:
+                continue
+            target = copy / relative if relative else copy
+            os.utime(target, ns=(0, 0), follow_symlinks=False)
+        except OSError as error:
+            if error.errno != errno.ENOENT:
+                raise
+
+
+def _walk_files(root: str) -> Iterator[tuple[str, str]]:
+    for found, _, files in os.walk(root):
+        for name in files:
+            source = os.path.join(found, name)
+            yield source, os.path.relpath(source, root)

@@ -1,0 +1,328 @@
+"""Capture strategies against real filesystems and a real writer daemon (root only).
+
+Each app's data is written by a daemon that keeps writing pairs of equal numbers (see
+tests/support/daemon.py): an archive read while it runs would often hold two different
+numbers; a consistent capture always holds equal ones. Filesystems are real: btrfs and
+XFS (reflinks) and ext4 on loop devices; the engine is real borg (and restic once).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from homesafe import api, locations
+from homesafe.archives import StoredApp
+from homesafe.consistency import snapshots
+from homesafe.engines import engine_for
+from homesafe.repositories import DEFAULT_COMPRESSIONS, Repository, default_repository
+from tests.conftest import Daemon, DaemonFactory, ManifestWriter, requires_program
+from tests.support.btrfs import LoopFilesystem, loop_filesystem, run
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loop devices and mounts"),
+    requires_program("mkfs.btrfs"),
+    requires_program("mkfs.xfs"),
+    requires_program("rsync"),
+]
+
+
+def describe(result: api.OperationResult) -> str:
+    return str(result.to_dict())
+
+
+def manifest(app_id: str, paths: list[Path], daemon: Daemon, **extra: str) -> str:
+    lines = [f'id = "{app_id}"']
+    lines += [f'{key} = "{value}"' for key, value in extra.items()]
+    lines.append("[data]")
+    lines.append("directories = [" + ", ".join(f'"{path}"' for path in paths) + "]")
+    return "\n".join(lines) + "\n" + daemon.manifest_service(app_id)
+
+
+def writing_app(
+    app_id: str,
+    data: Path,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+    **extra: str,
+) -> Daemon:
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "payload").mkdir(exist_ok=True)
+    for number in range(40):
+        (data / "payload" / f"file-{number}").write_bytes(os.urandom(256 * 1024))
+    daemon = daemon_factory(app_id)
+    daemon.write_into(data)
+    write_manifest(app_id, manifest(app_id, [data], daemon, **extra))
+    daemon.start()
+    return daemon
+
+
+def back_up_twice(app_id: str, strategy: str) -> api.OperationResult:
+    """Two backups of ``app_id`` (the second finds the engine's cache of unchanged
+    files); each must have captured it with ``strategy`` while holding it still for
+    well under half a second. Returns the second result."""
+    results = [api.backup_apps([app_id]) for _ in range(2)]
+    for result in results:
+        assert result.status == "ok", describe(result)
+        app = result.app(app_id)
+        assert app.strategy == strategy
+        assert 0 < app.downtime < 0.5, app.downtime
+        assert app.downtime < result.duration / 2
+    return results[1]
+
+
+def restored_pair(archive: str, app_id: str, data: Path, target: Path) -> tuple[str, str]:
+    target.mkdir()
+    result = api.restore_apps(archive, [app_id], target_root=target)
+    assert result.status == "ok", describe(result)
+    inside = target / str(data).lstrip("/")
+    return (inside / "first").read_text(), (inside / "second").read_text()
+
+
+def archived_paths(archive: str, repository: Repository | None = None) -> set[str]:
+    repository = repository or default_repository()
+    entries = engine_for(repository.engine).list_contents(repository, archive)
+    return {entry.path for entry in entries}
+
+
+def stored_app(archive: str, app_id: str) -> StoredApp:
+    description, _ = api.read_archive(archive)
+    return description.apps[app_id]
+
+
+def mounts_of_host() -> set[str]:
+    return {mount.mount_point for mount in snapshots.read_mounts()}
+
+
+@pytest.fixture
+def btrfs(tmp_path: Path) -> Iterator[LoopFilesystem]:
+    with loop_filesystem(tmp_path / "btrfs", "btrfs") as filesystem:
+        yield filesystem
+
+
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[LoopFilesystem]:
+    with loop_filesystem(tmp_path / "xfs", "xfs") as filesystem:
+        yield filesystem
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[LoopFilesystem]:
+    with loop_filesystem(tmp_path / "ext4", "ext4") as filesystem:
+        yield filesystem
+
+
+def test_snapshot_holds_the_app_still_for_milliseconds_and_archives_original_paths(
+    btrfs: LoopFilesystem,
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+) -> None:
+    data = btrfs.mount_point / "notes"
+    run("btrfs", "subvolume", "create", data)
+    run("btrfs", "subvolume", "create", data / "attachments")  # nested: not in a snapshot
+    (data / "attachments" / "picture").write_bytes(b"nested subvolume\n")
+    daemon = writing_app("notes", data, daemon_factory, write_manifest)
+    mounts_before = mounts_of_host()
+
+    second = back_up_twice("notes", "snapshot")
+
+    assert daemon.is_running()
+    assert (daemon.calls().count("stop"), daemon.calls().count("start")) == (2, 3)
+    # Nothing left: no snapshot, no snapshot directory, no mount on the host.
+    assert not (data / ".homesafe-snapshots").exists()
+    assert run("btrfs", "subvolume", "list", "-o", data).strip().count("\n") == 0
+    assert mounts_of_host() == mounts_before
+    stored = archived_paths(second.archive)
+    relative = str(data).lstrip("/")
+    assert f"{relative}/payload/file-7" in stored
+    assert f"{relative}/attachments/picture" in stored
+    assert not any(".homesafe-snapshots" in path for path in stored)
+    pair = restored_pair(second.archive, "notes", data, tmp_path / "restored")
+    assert pair[0] == pair[1], pair
+    stats = second.engine_stats
+    assert stats is not None and stats.deduplicated_size < 1024 * 1024  # files cache hit
+    stored_notes = stored_app(second.archive, "notes")
+    assert stored_notes.strategy == "snapshot"
+    assert stored_notes.downtime_seconds == pytest.approx(second.app("notes").downtime, abs=1e-5)
+
+
+def test_clone_on_xfs_including_an_app_at_the_root_of_its_filesystem(
+    xfs: LoopFilesystem,
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+) -> None:
+    data = xfs.mount_point  # the whole filesystem: its clones' directory is inside it
+    daemon = writing_app("wiki", data, daemon_factory, write_manifest)
+    mounts_before = mounts_of_host()
+
+    second = back_up_twice("wiki", "clone")
+
+    assert daemon.is_running()
+    assert not (data / ".homesafe-clones").exists()
+    assert mounts_of_host() == mounts_before
+    stored = archived_paths(second.archive)
+    assert not any(".homesafe-clones" in path for path in stored)
+    assert f"{str(data).lstrip('/')}/payload/file-3" in stored
+    # Clones have new inodes each time: unchanged files are still known by size and time.
+    stats = second.engine_stats
+    assert stats is not None and stats.deduplicated_size < 1024 * 1024
+    pair = restored_pair(second.archive, "wiki", data, tmp_path / "restored")
+    assert pair[0] == pair[1], pair
+
+
+def test_staged_copy_on_ext4_stops_only_for_the_last_pass(
+    ext4: LoopFilesystem,
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+) -> None:
+    data = ext4.mount_point / "chat"
+    daemon = writing_app("chat", data, daemon_factory, write_manifest)
+
+    result = api.backup_apps(["chat"])
+
+    assert result.status == "ok", describe(result)
+    chat = result.app("chat")
+    assert chat.strategy == "staged"
+    assert 0 < chat.downtime < result.duration
+    assert daemon.is_running()
+    staged = list((locations.staging_directory() / "chat").iterdir())
+    assert len(staged) == 1 and (staged[0] / "payload" / "file-1").is_file()
+    assert (locations.staging_directory() / "chat").stat().st_mode & 0o077 == 0
+    pair = restored_pair(result.archive, "chat", data, tmp_path / "restored")
+    assert pair[0] == pair[1], pair
+    # A file changed behind rsync's back (same size, time set back) is copied again:
+    # the last pass goes by change time.
+    target = data / "payload" / "file-5"
+    status = target.stat()
+    with open(target, "r+b") as handle:
+        handle.write(b"changed!")
+    os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
+    again = api.backup_apps(["chat"])
+    assert again.status == "ok", describe(again)
+    restored = tmp_path / "again"
+    restored.mkdir()
+    assert api.restore_apps(again.archive, ["chat"], target_root=restored).status == "ok"
+    copy = restored / str(target).lstrip("/")
+    assert copy.read_bytes()[:8] == b"changed!"
+
+
+def test_short_staging_space_stops_for_the_run_and_says_so(
+    ext4: LoopFilesystem,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+) -> None:
+    with loop_filesystem(tmp_path / "small", "ext4", size="16M") as small:
+        monkeypatch.setenv("HOMESAFE_STAGING", str(small.mount_point / "staging"))
+        data = ext4.mount_point / "media"
+        daemon = writing_app("media", data, daemon_factory, write_manifest)
+
+        result = api.backup_apps(["media"])
+
+        assert result.status == "ok", describe(result)
+        media = result.app("media")
+        assert media.strategy == "stop"
+        assert any("not enough space to stage" in warning for warning in media.warnings)
+        # Stopped for the archive run: the downtime covers the engine's whole run.
+        assert result.engine_stats is not None
+        assert media.downtime >= result.engine_stats.duration * 0.9
+        assert daemon.is_running()
+        assert stored_app(result.archive, "media").downtime_seconds is None
+
+
+def test_an_impossible_strategy_fails_the_app_before_it_is_touched(
+    ext4: LoopFilesystem, daemon_factory: DaemonFactory, write_manifest: ManifestWriter
+) -> None:
+    data = ext4.mount_point / "photos"
+    daemon = writing_app("photos", data, daemon_factory, write_manifest)
+
+    result = api.backup_apps(["photos"], strategy="snapshot")
+
+    assert result.status == "failed"
+    error = result.app("photos").errors[0]
+    assert error.error_type == "capture"
+    assert "snapshot is impossible" in error.message and "ext4" in error.message
+    assert daemon.calls() == ["start"]  # never stopped, never asked
+
+
+def test_groups_are_held_still_one_at_a_time(
+    btrfs: LoopFilesystem, daemon_factory: DaemonFactory, write_manifest: ManifestWriter
+) -> None:
+    """``site`` depends on ``database``: they are held still together (dependent first,
+    restarted last); ``mail`` has nothing to do with them and keeps running while
+    they are captured, and the other way round."""
+    daemons = {}
+    for app_id in ("database", "site", "mail"):
+        path = btrfs.mount_point / app_id
+        run("btrfs", "subvolume", "create", path)
+        daemons[app_id] = daemon_factory(app_id)
+        daemons[app_id].start()
+    probe = btrfs.mount_point / "probe"
+
+    def hook(app_id: str) -> str:
+        # Which daemons run while this app is held still (exit status 0 = running).
+        statuses = " ".join(
+            f"{other}=$({' '.join(daemons[other].argv('status'))} >/dev/null; echo $?)"
+            for other in daemons
+        )
+        return f'backup_pre = ["sh", "-c", "echo {app_id}: {statuses} >> {probe}"]'
+
+    for app_id, depends in (("database", ""), ("site", 'depends = ["database"]'), ("mail", "")):
+        text = (
+            f'id = "{app_id}"\n{depends}\n[data]\n'
+            f'directories = ["{btrfs.mount_point / app_id}"]\n'
+            f"[hooks]\n{hook(app_id)}\n" + daemons[app_id].manifest_service(app_id)
+        )
+        write_manifest(app_id, text)
+
+    result = api.backup_apps()
+
+    assert result.status == "ok", describe(result)
+    lines = sorted(probe.read_text().splitlines())
+    assert lines == [
+        "database: database=3 site=3 mail=0",
+        "mail: database=0 site=0 mail=3",
+        "site: database=3 site=3 mail=0",
+    ]
+    assert all(daemon.is_running() for daemon in daemons.values())
+    assert {app.strategy for app in result.apps} == {"snapshot"}
+
+
+@requires_program("restic")
+def test_restic_reads_the_captured_copies_at_their_original_paths(
+    btrfs: LoopFilesystem,
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+) -> None:
+    passphrase = tmp_path / "restic-passphrase"
+    passphrase.write_text("capture test passphrase\n")
+    passphrase.chmod(0o600)
+    repository = Repository(
+        name="snaps",
+        location=str(tmp_path / "restic-repository"),
+        engine="restic",
+        encryption="repokey",
+        passphrase_file=passphrase,
+        compression=DEFAULT_COMPRESSIONS["restic"],
+    )
+    run("restic", "init", "-q", "-r", repository.location, "--password-file", passphrase)
+    data = btrfs.mount_point / "books"
+    run("btrfs", "subvolume", "create", data)
+    daemon = writing_app("books", data, daemon_factory, write_manifest)
+
+    result = api.backup_apps(["books"], repository=repository)
+
+    assert result.status == "ok", describe(result)
+    assert result.app("books").strategy == "snapshot"
+    assert daemon.is_running()
+    stored = archived_paths(result.archive, repository)
+    assert f"{str(data).lstrip('/')}/payload/file-2" in stored
+    assert not any(".homesafe-snapshots" in path for path in stored)
