@@ -145,14 +145,19 @@ def _require_borg(repository: Repository) -> None:
         )
 
 
-def _journal_made(description: str, undo: list[str]) -> int:
+def _journal_made(description: str, undo: list[str], removes: Path | None = None) -> int:
     """Record in the operation's journal a snapshot, mount or subvolume just made, so
     that recovery undoes it with the argv ``undo`` if homesafe dies holding it.
 
     Recorded once it exists, not before: ``btrfs subvolume delete`` or ``umount`` of
-    something never made would fail every later recovery.
+    something never made would fail every later recovery. ``removes``: the path
+    ``undo`` deletes; recovery skips the undo when it is gone already (deleted just
+    before homesafe died, the closing unwritten).
     """
-    return journal.active().record(journal.COMMAND, {"description": description, "undo": undo})
+    data: dict[str, object] = {"description": description, "undo": undo}
+    if removes is not None:
+        data["if_exists"] = str(removes)
+    return journal.active().record(journal.COMMAND, data)
 
 
 def source_subvolume(path: str | os.PathLike[str]) -> Subvolume:
@@ -338,7 +343,9 @@ def backup_full(
         taken = snapshots.take_snapshot(source, snapshot_directory, name, read_only=False)
         result.snapshot_seconds = time.monotonic() - clock
         entry = _journal_made(
-            f"delete the snapshot {taken.path}", snapshots.delete_subvolume_argv(taken.path)
+            f"delete the snapshot {taken.path}",
+            snapshots.delete_subvolume_argv(taken.path),
+            removes=taken.path,
         )
         result.snapshot = str(taken.path)
         _write_metadata(taken.path, result, comment, patterns, mounted)
@@ -593,6 +600,7 @@ def restore_full(
         entry = _journal_made(
             f"delete the half-restored subvolume {created.path}",
             snapshots.delete_subvolume_argv(created.path),
+            removes=created.path,
         )
         full_name = posixpath.join(posixpath.dirname(current.name), new_name)
         result.new_subvolume = full_name

@@ -324,7 +324,7 @@ def _describe(entry: Entry) -> str:
     if entry.kind == PLACED:
         return f"take the restored copy of {data['target']} out"
     if entry.kind == DIRECTORY_CREATED:
-        return f"remove the directory {data['path']} made for a restore"
+        return f"remove the directory {data['path']} made for {data.get('purpose', 'a restore')}"
     if entry.kind == SETTINGS_WRITTEN:
         return f"write back the previous settings{app}"
     if entry.kind == COMMAND:
@@ -405,7 +405,7 @@ def _undo_directory_created(entry: Entry, later: list[Entry]) -> str:
         path.rmdir()
     except OSError:
         return f"kept {path}: it is not empty"
-    return f"removed the directory {path} made for a restore"
+    return f"removed the directory {path} made for {entry.data.get('purpose', 'a restore')}"
 
 
 def _undo_settings(entry: Entry, later: list[Entry]) -> str:
@@ -419,6 +419,11 @@ def _undo_settings(entry: Entry, later: list[Entry]) -> str:
 
 
 def _undo_command(entry: Entry, later: list[Entry]) -> str:
+    # ``if_exists``: the undo removes that path, and one already gone (removed just
+    # before homesafe died, its closing unwritten) needs nothing.
+    guard = entry.data.get("if_exists")
+    if guard and not os.path.lexists(guard):
+        return f"{guard} was gone already"
     execute.run(
         entry.data["undo"], timeout=float(entry.data.get("timeout") or UNDO_COMMAND_TIMEOUT)
     )

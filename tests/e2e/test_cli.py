@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from homesafe.consistency import snapshots
 from tests.conftest import ManifestWriter, requires_program
 
 pytestmark = requires_program("borg")
@@ -154,7 +155,31 @@ def test_dry_run_touches_nothing(apps: Path) -> None:
     plan = json_of(completed)
     assert plan["dry_run"] is True
     assert {entry["app"] for entry in plan["apps"]} == {"good", "flaky"}
+    assert {entry["strategy"] for entry in plan["apps"]} == {"live"}  # nothing to stop
     assert not (apps / "home/repository").exists()
+    forced = json_of(homesafe("backup", "--dry-run", "--json", "--strategy", "snapshot"))
+    kind = snapshots.filesystem_type(apps)
+    for entry in forced["apps"]:
+        if kind == "btrfs":
+            assert entry["strategy"] == "snapshot"
+        else:
+            assert entry["strategy"] is None
+            assert f"is on {kind}, not btrfs" in entry["problem"]
+    text = homesafe("backup", "--dry-run", "--strategy", "stop")
+    assert text.returncode == 0, text.stderr
+    assert "strategy: " in text.stdout
+
+
+def test_strategy_on_the_command_line_is_used_and_shown(apps: Path) -> None:
+    completed = homesafe("backup", "good", "--strategy", "live", "--json")
+    assert completed.returncode == 0, completed.stderr
+    result = json_of(completed)
+    assert result["apps"][0]["strategy"] == "live"
+    shown = homesafe("archives", "show", result["archive"])
+    assert "good (version 0): strategy live, downtime 0.000 s" in shown.stdout, shown.stdout
+    refused = homesafe("backup", "--strategy", "staged")
+    assert refused.returncode == 2
+    assert "staged" in refused.stderr
 
 
 def test_key_export_and_export_tar(apps: Path, tmp_path: Path) -> None:

@@ -326,3 +326,43 @@ def test_restic_reads_the_captured_copies_at_their_original_paths(
     stored = archived_paths(result.archive, repository)
     assert f"{str(data).lstrip('/')}/payload/file-2" in stored
     assert not any(".homesafe-snapshots" in path for path in stored)
+
+
+@pytest.mark.parametrize("kind", ["btrfs", "xfs"])
+def test_backup_killed_at_every_step_leaves_no_snapshot_clone_or_stopped_service(
+    kind: str,
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+) -> None:
+    """SIGKILL right after each journal record and right before each closing of a
+    snapshot (btrfs) or clone (XFS) backup; `homesafe recover` must then delete every
+    snapshot and clone and the directories made for them, and start the service."""
+    from tests.integration.test_crash import count_steps, recover_json, run_killed
+
+    with loop_filesystem(tmp_path / kind, kind) as filesystem:
+        data = filesystem.mount_point / "vault"
+        if kind == "btrfs":
+            run("btrfs", "subvolume", "create", data)
+        daemon = writing_app("vault", data, daemon_factory, write_manifest)
+        records, closes, steps = count_steps(tmp_path, "backup")
+        kinds = {line.split()[1] for line in steps if line.startswith("record ")}
+        assert {"command" if kind == "btrfs" else "temporary_directory"} <= kinds, steps
+        before = sorted(os.listdir(filesystem.mount_point))
+        mounts_before = mounts_of_host()
+        for mode, total in (("record", records), ("close", closes)):
+            for kill_at in range(1, total + 1):
+                completed, steps = run_killed(tmp_path, mode, kill_at, "backup")
+                where = f"killed at {mode} {kill_at}: {steps}"
+                assert completed.returncode < 0, where + completed.stderr
+
+                report = recover_json()
+
+                assert report["failed"] == 0, (where, report)
+                assert daemon.is_running(), where
+                assert sorted(os.listdir(filesystem.mount_point)) == before, where
+                assert not (data / ".homesafe-snapshots").exists(), where
+                assert mounts_of_host() == mounts_before, where
+                if kind == "btrfs":
+                    listed = run("btrfs", "subvolume", "list", filesystem.mount_point)
+                    assert listed.strip().count("\n") == 0, (where, listed)

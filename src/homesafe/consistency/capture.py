@@ -278,7 +278,7 @@ class Captures:
         self.stable_inodes = True
         self._stack = contextlib.ExitStack()
         self._snapshots: list[tuple[Path, int]] = []  # (path, journal entry)
-        self._snapshot_directories: set[Path] = set()
+        self._holders: dict[Path, int] = {}  # directories made, with journal entries
         self._clone_directories: dict[str, Path] = {}  # mount point -> directory of run
         self._staging_started: dict[str, int] = {}  # path -> time_ns of its first copy
         self._stop_reasons: dict[str, str] = {}  # app -> why it cannot be staged
@@ -370,10 +370,18 @@ class Captures:
                 continue
             yield from self._snapshot_tree(snapshots.subvolume_at(nested), nested, holder)
 
+    def _make_holder(self, holder: Path, purpose: str) -> None:
+        """Make ``holder`` (the directory snapshots or clones go in) if it is missing;
+        journaled first, so that recovery removes it once it is empty again."""
+        if holder in self._holders or holder.is_dir():
+            return
+        self._holders[holder] = journal.active().record(
+            journal.DIRECTORY_CREATED, {"path": str(holder), "purpose": purpose}
+        )
+        holder.mkdir(mode=0o700)
+
     def _take_snapshot(self, subvolume: snapshots.Subvolume, holder: Path) -> Path:
-        if not holder.is_dir():
-            holder.mkdir(mode=0o700)
-            self._snapshot_directories.add(holder)
+        self._make_holder(holder, "snapshots")
         taken = snapshots.take_snapshot(subvolume, holder, self._next_name())
         # Journaled once it exists: recovery deletes it if homesafe dies holding it.
         entry = journal.active().record(
@@ -381,10 +389,10 @@ class Captures:
             {
                 "description": f"snapshot {taken.path} of {subvolume.path}",
                 "undo": snapshots.delete_subvolume_argv(taken.path),
+                "if_exists": str(taken.path),
             },
         )
         self._snapshots.append((taken.path, entry))
-        self._snapshot_directories.add(holder)
         return taken.path
 
     def _clone(self, path: str) -> None:
@@ -392,7 +400,7 @@ class Captures:
         directory = self._clone_directories.get(mount_point)
         if directory is None:
             holder = Path(mount_point) / CLONE_DIRECTORY
-            holder.mkdir(mode=0o700, exist_ok=True)
+            self._make_holder(holder, "clones")
             directory = self._stack.enter_context(
                 journal.temporary_directory(holder, f"{self.run_name}-")
             )
@@ -455,12 +463,12 @@ class Captures:
                 journal.active().undone(entry)
         self._snapshots.clear()
         self._stack.close()
-        holders = [directory.parent for directory in self._clone_directories.values()]
-        for directory in [*self._snapshot_directories, *holders]:
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # only when empty: another run's may be in it
-        self._snapshot_directories.clear()
         self._clone_directories.clear()
+        for holder, entry in self._holders.items():
+            with contextlib.suppress(OSError):
+                holder.rmdir()  # only when empty: a snapshot not deleted stays in it
+            journal.active().undone(entry)
+        self._holders.clear()
         if failures:
             raise CaptureError(
                 "could not remove " + "; ".join(failures),
