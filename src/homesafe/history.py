@@ -446,10 +446,15 @@ def jobs(
     app: str | None = None,
     repository: str | None = None,
     operation: str | None = None,
+    archive: str | None = None,
     limit: int | None = 50,
 ) -> list[Job]:
-    """Jobs, newest first; with ``app``, only the jobs that included that app."""
+    """Jobs, newest first; with ``app``, only the jobs that included that app; with
+    ``archive``, only those of that archive."""
     conditions, parameters = [], []
+    if archive is not None:
+        conditions.append("archive = ?")
+        parameters.append(archive)
     if app is not None:
         conditions.append("id IN (SELECT job FROM job_apps WHERE app = ?)")
         parameters.append(app)

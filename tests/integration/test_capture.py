@@ -8,6 +8,7 @@ XFS (reflinks) and ext4 on loop devices; the engine is real borg (and restic onc
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,6 +236,11 @@ def test_short_staging_space_stops_for_the_run_and_says_so(
         assert media.downtime >= result.engine_stats.duration * 0.9
         assert daemon.is_running()
         assert stored_app(result.archive, "media").downtime_seconds is None
+        # ... which `archives show` takes from the history of the backup.
+        from tests.integration.test_crash import homesafe
+
+        shown = json.loads(homesafe("archives", "show", result.archive, "--json").stdout)
+        assert shown["apps"][0]["downtime_seconds"] == pytest.approx(media.downtime)
 
 
 def test_an_impossible_strategy_fails_the_app_before_it_is_touched(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from homesafe.cli.output import console, human_size, print_json
 from homesafe.cli.repo import repository_option, resolve
+
+if TYPE_CHECKING:
+    from homesafe.repositories import Repository
 
 
 @click.group("archives", invoke_without_command=True)
@@ -58,7 +61,9 @@ def show_command(archive: str, as_json: bool, repository_name: str | None) -> No
     from homesafe import api
     from homesafe.manifest import is_inside
 
-    description, contents = api.read_archive(archive, resolve(_repository_name(repository_name)))
+    repository = resolve(_repository_name(repository_name))
+    description, contents = api.read_archive(archive, repository)
+    recorded = _downtimes_in_history(archive, repository)
     apps: list[dict[str, Any]] = []
     for app_id, stored in description.apps.items():
         paths = stored.paths if stored.paths is not None else stored.manifest.owned_paths()
@@ -67,7 +72,13 @@ def show_command(archive: str, as_json: bool, repository_name: str | None) -> No
                 "id": app_id,
                 "version": stored.manifest.version,
                 "strategy": stored.strategy,
-                "downtime_seconds": stored.downtime_seconds,
+                # Not in archives whose apps were stopped for the whole run (known only
+                # once the archive was written): this host's history has it.
+                "downtime_seconds": (
+                    stored.downtime_seconds
+                    if stored.downtime_seconds is not None
+                    else recorded.get(app_id)
+                ),
                 "paths": paths,
                 "size": sum(
                     entry.size
@@ -106,6 +117,18 @@ def show_command(archive: str, as_json: bool, repository_name: str | None) -> No
             f"  {app['id']} (version {app['version']}): strategy {app['strategy'] or '-'}, "
             f"downtime {shown}, {human_size(app['size'])} in {len(app['paths'])} paths"
         )
+
+
+def _downtimes_in_history(archive: str, repository: Repository | None) -> dict[str, float]:
+    """Each app's downtime as the history of this host recorded the backup that wrote
+    ``archive`` (nothing for an archive written elsewhere)."""
+    from homesafe import history
+    from homesafe.repositories import DEFAULT_NAME
+
+    name = repository.name if repository is not None else DEFAULT_NAME
+    for job in history.jobs(archive=archive, repository=name, operation="backup"):
+        return {record.app: record.downtime for record in job.apps}
+    return {}
 
 
 @archives_group.command("delete")
