@@ -70,6 +70,7 @@ __all__ = [
     "AppResult",
     "ArchiveInfo",
     "BackupError",
+    "Destination",
     "OperationResult",
     "Packet",
     "backup_apps",
@@ -194,8 +195,34 @@ class AppResult:
 
 
 @dataclass
+class Destination:
+    """How one repository of a backup to several fared: the archive is written to each
+    from one capture; ``error`` says why it is not in this one."""
+
+    repository: str
+    status: Literal["ok", "failed"] = "ok"
+    engine_stats: ArchiveStats | None = None
+    error: str | None = None
+    duration: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "repository": self.repository,
+            "status": self.status,
+            "engine": self.engine_stats.to_dict() if self.engine_stats else None,
+            "error": self.error,
+            "duration_seconds": round(self.duration, 3),
+        }
+
+
+@dataclass
 class OperationResult:
-    """The outcome of a backup or restore: per-app results, archive, engine stats."""
+    """The outcome of a backup or restore: per-app results, archive, engine stats.
+
+    A backup to several repositories has one :class:`Destination` each in
+    ``destinations`` (``repository`` and ``engine_stats`` are the first's); one that
+    failed makes the result partial, not failed, while another holds the archive.
+    """
 
     operation: str
     repository: str
@@ -206,6 +233,7 @@ class OperationResult:
     started: str = ""
     duration: float = 0.0
     target_root: str = "/"
+    destinations: list[Destination] = field(default_factory=list)
 
     @property
     def status(self) -> Literal["ok", "partial", "failed"]:
@@ -216,7 +244,7 @@ class OperationResult:
             or (statuses <= {"failed", "skipped"} and "failed" in statuses)
         ):
             return "failed"
-        if "failed" in statuses:
+        if "failed" in statuses or any(d.status == "failed" for d in self.destinations):
             return "partial"
         return "ok"
 
@@ -245,6 +273,7 @@ class OperationResult:
             "apps": [app.to_dict() for app in self.apps],
             "errors": [error.to_dict() for error in self.errors],
             "engine": self.engine_stats.to_dict() if self.engine_stats else None,
+            "destinations": [destination.to_dict() for destination in self.destinations],
         }
 
 
@@ -450,6 +479,7 @@ def backup_apps(
     on_progress: ProgressCallback | None = None,
     periods: Sequence[str] = (),
     strategy: str | None = None,
+    repositories: Sequence[Repository] = (),
 ) -> OperationResult:
     """Back up the named apps (every app when none is named) into one archive.
 
@@ -471,6 +501,11 @@ def backup_apps(
     before anything is touched; failures after that are recorded in the returned
     result, whose ``status`` is ok, partial or failed, and in the history.
     ``periods``: the schedule periods a scheduled backup serves (kept in the comment).
+
+    ``repositories`` (instead of ``repository``): write the same archive, from one
+    capture, to each of several repositories at once (one engine process each). A
+    repository that fails, before or while writing, does not fail the others: the
+    result's ``destinations`` say which has the archive, and its status is partial.
     """
     from homesafe.consistency import capture
 
@@ -479,15 +514,19 @@ def backup_apps(
     selected = select(known, app_ids)
     if strategy is not None and strategy not in capture.REQUESTABLE:
         raise UsageError(f"unknown strategy {strategy!r}: auto, snapshot, clone, stop or live")
-    repository = _resolve_repository(repository)
+    if repositories and (repository is not None or handler is not None):
+        raise UsageError("give either one repository (or a handler) or several repositories")
+    targets = list(repositories) or [_resolve_repository(repository)]
     name = archives.check_name(archive_name) if archive_name else archives.default_name()
-    result = OperationResult("backup", repository.name, name, started=_now())
+    result = OperationResult("backup", targets[0].name, name, started=_now())
     results = {app.id: AppResult(app.id) for app in selected}
     result.apps = [results[app.id] for app in selected]
     packet = Packet("backup", "apps", "/", list(selected), name, comment)
     if handler is None:
-        _ensure_repository(repository)
-        repository.passphrase()  # fails early, before any service is stopped
+        # Fails early, before any service is stopped.
+        targets = _usable_destinations(targets, result) if len(targets) > 1 else targets
+        _ensure_repository(targets[0])
+        targets[0].passphrase()
     settings = {app.id: state.read_settings(app.manifest.settings) for app in selected}
     views = handler is None and capture.views_available()
 
@@ -504,13 +543,18 @@ def backup_apps(
             sizes = _measure_sizes_in_background(included, results, on_progress)
             if included:
                 _write_backup_metadata(Path(staging), name, comment, included, results, settings)
-                stats = _create(
-                    repository, handler, encryption_passphrase, packet, name, paths,
-                    Path(staging),
-                    archives.comment_summary([a.id for a in included], comment, periods),
-                    on_progress,
-                    captures.view(),
-                )  # fmt: skip
+                summary = archives.comment_summary([a.id for a in included], comment, periods)
+                stats: ArchiveStats | None
+                if len(targets) > 1:
+                    stats = _create_everywhere(
+                        targets, result, name, paths, Path(staging), summary, on_progress,
+                        captures.view(), included, results,
+                    )  # fmt: skip
+                else:
+                    stats = _create(
+                        targets[0], handler, encryption_passphrase, packet, name, paths,
+                        Path(staging), summary, on_progress, captures.view(),
+                    )  # fmt: skip
                 if stats is not None:
                     result.engine_stats = stats
                     _attribute_warnings(stats.warnings, included, results)
@@ -679,6 +723,80 @@ def _create(
         on_progress=on_progress,
         view=view,
     )
+
+
+def _usable_destinations(targets: list[Repository], result: OperationResult) -> list[Repository]:
+    """The repositories of a backup to several that exist and open; each that does not
+    is a failed destination of ``result``. Raises the first problem when none is left
+    (then nothing was touched)."""
+    usable, problems = [], []
+    for target in targets:
+        try:
+            _ensure_repository(target)
+            target.passphrase()
+        except HomesafeError as error:
+            problems.append(error)
+            result.destinations.append(Destination(target.name, "failed", error=error.message))
+        else:
+            usable.append(target)
+    if not usable:
+        raise problems[0]
+    result.repository = usable[0].name
+    return usable
+
+
+def _create_everywhere(
+    targets: Sequence[Repository],
+    result: OperationResult,
+    name: str,
+    paths: list[str],
+    staging: Path,
+    comment: str,
+    on_progress: ProgressCallback | None,
+    view: ReadView | None,
+    included: Sequence[App],
+    results: dict[str, AppResult],
+) -> ArchiveStats:
+    """Write the archive to every repository of ``targets`` at once, each engine
+    process reading the same captured copies (the progress bar follows the first).
+
+    Each repository's outcome becomes a :class:`Destination` of ``result``; the apps
+    get a warning for each repository that failed. Returns the first successful
+    write's stats; raises the first failure's error when every one failed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(position: int) -> tuple[Destination, ArchiveStats | None, EngineError | None]:
+        target = targets[position]
+        clock = time.monotonic()
+        try:
+            stats = _create(
+                target, None, None, Packet("backup", "apps", "/", [], name), name, paths,
+                staging, comment, on_progress if position == 0 else None, view,
+            )  # fmt: skip
+        except HomesafeError as error:
+            failure = error if isinstance(error, EngineError) else EngineError(error.message)
+            destination = Destination(target.name, "failed", error=error.message)
+            destination.duration = time.monotonic() - clock
+            return destination, None, failure
+        destination = Destination(target.name, "ok", stats, duration=time.monotonic() - clock)
+        return destination, stats, None
+
+    with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="destination") as pool:
+        outcomes = list(pool.map(write, range(len(targets))))
+    result.destinations.extend(destination for destination, _, _ in outcomes)
+    written = [stats for _, stats, _ in outcomes if stats is not None]
+    failures = [failure for _, _, failure in outcomes if failure is not None]
+    if not written:
+        raise failures[0]
+    for destination in result.destinations:
+        if destination.status == "failed":
+            for app in included:
+                results[app.id].warnings.append(
+                    f"not in repository {destination.repository!r}: {destination.error}"
+                )
+    result.repository = next(d.repository for d in result.destinations if d.status == "ok")
+    return written[0]
 
 
 def _attribute_warnings(

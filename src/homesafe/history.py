@@ -214,13 +214,44 @@ def record_operation(result: OperationResult) -> int | None:
     """Record a finished backup or restore (an :class:`~homesafe.api.OperationResult`).
 
     Returns the job id, or None when the state database could not be written (that is
-    logged, never raised: the operation itself is done).
+    logged, never raised: the operation itself is done). A backup to several
+    repositories is one job per repository (each repository's history and last good
+    backup are its own); the last one's id is returned.
     """
     try:
-        return _record_result(result.to_dict())
+        document = result.to_dict()
+        job_id = None
+        for each in _per_destination(document):
+            job_id = _record_result(each)
+        return job_id
     except Exception as error:  # the operation is done: its history must not undo that
         logger.warning("could not record the %s in the history: %s", result.operation, error)
         return None
+
+
+def _per_destination(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """``document`` as the job of each repository it was written to: that repository's
+    engine figures, and failed (with its error) where the archive was not written."""
+    destinations = document.get("destinations") or []
+    if not destinations:
+        return [document]
+    documents = []
+    for destination in destinations:
+        each = {**document, "repository": destination["repository"]}
+        each["engine"] = destination.get("engine")
+        if destination["status"] == "failed":
+            each["status"] = "failed"
+            message = f"not written to {destination['repository']}: {destination['error']}"
+            each["errors"] = [
+                *document.get("errors", []),
+                {"type": "engine", "app": "*", "hook": None, "message": message},
+            ]
+        elif document.get("status") == "partial" and not any(
+            app.get("status") == "failed" for app in document.get("apps", [])
+        ):
+            each["status"] = "ok"  # partial only because another repository failed
+        documents.append(each)
+    return documents
 
 
 def _record_result(document: dict[str, Any]) -> int:

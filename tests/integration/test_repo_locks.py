@@ -15,27 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from homesafe import api, repositories
+from homesafe import api
 from homesafe.engines import borg
 from homesafe.errors import RepositoryLockedError
 from homesafe.repositories import Repository
 from tests.conftest import requires_program
+from tests.support import repositories as support
 
 pytestmark = [requires_program("borg"), requires_program("restic")]
 
 
 def local_repository(engine: str, location: Path, lock_wait: float) -> Repository:
-    repository = Repository(
-        name=engine,
-        location=str(location),
-        engine=engine,
-        encryption=repositories.DEFAULT_ENCRYPTIONS[engine],
-        passphrase_file=repositories.passphrase_file_for(engine),
-        compression=repositories.DEFAULT_COMPRESSIONS[engine],
-        lock_wait=lock_wait,
-    )
-    assert api.initialize_repository(repository) is True
-    return repository
+    return support.local_repository(engine, engine, location, lock_wait)
 
 
 def engine_environment(repository: Repository, home: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from homesafe.cli.output import print_json, print_operation, print_preview, progress_bar
-from homesafe.cli.repo import repository_option, resolve
+from homesafe.cli.repo import repository_option, resolve, resolve_one
 from homesafe.errors import EXIT_FAILURE
 
 if TYPE_CHECKING:
@@ -27,7 +27,15 @@ if TYPE_CHECKING:
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be backed up; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@repository_option
+@click.option(
+    "--repo",
+    "repository_names",
+    metavar="NAME",
+    multiple=True,
+    help="The repository to write to (default: the embedded one). Given more than once, "
+    "the apps are captured once and the archive written to every one at the same time; "
+    "one that fails does not stop the others (exit status 3).",
+)
 def backup_command(
     app_ids: tuple[str, ...],
     comment: str | None,
@@ -35,7 +43,7 @@ def backup_command(
     strategy: str | None,
     dry_run: bool,
     as_json: bool,
-    repository_name: str | None,
+    repository_names: tuple[str, ...],
 ) -> None:
     """Back up apps (every app when none is named) into one new archive.
 
@@ -87,9 +95,13 @@ def backup_command(
                 click.echo(f"  strategy: {entry['strategy'] or entry['problem']}")
         return
     with progress_bar("backup", enabled=not as_json) as on_progress:
+        several = len(set(repository_names)) > 1
         result = api.backup_apps(
             app_ids,
-            repository=resolve(repository_name),
+            repository=None if several else resolve(next(iter(repository_names), None)),
+            repositories=[resolve_one(name) for name in dict.fromkeys(repository_names)]
+            if several
+            else (),
             archive_name=archive_name,
             comment=comment,
             on_progress=on_progress,
@@ -232,15 +244,16 @@ def _alert_failure(result: OperationResult) -> None:
     failed = [app.app for app in result.apps if app.status == "failed"]
     message = f"Backup {result.archive} is {result.status}"
     message += f": {', '.join(failed)} failed." if failed else "."
-    alerts.send(
-        alerts.Event(
-            "failure",
-            result.repository,
-            f"Backup {result.status}",
-            message,
-            {"archive": result.archive, "errors": [e.to_dict() for e in result.all_errors()]},
-        )
-    )
+    details = {"archive": result.archive, "errors": [e.to_dict() for e in result.all_errors()]}
+    destinations = result.destinations or []
+    if not destinations or failed:
+        names = [d.repository for d in destinations] or [result.repository]
+    else:  # the apps are whole: only the repositories that missed the archive hear of it
+        names = [d.repository for d in destinations if d.status == "failed"]
+    for name in names:
+        missed = next((d for d in destinations if d.repository == name and d.error), None)
+        text = message if missed is None else f"{message} Not written here: {missed.error}"
+        alerts.send(alerts.Event("failure", name, f"Backup {result.status}", text, details))
 
 
 def _finish(result: OperationResult, as_json: bool) -> None:

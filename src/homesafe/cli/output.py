@@ -99,6 +99,15 @@ def print_operation(result: OperationResult) -> None:
             f"{human_size(stats.deduplicated_size)} new after deduplication, "
             f"in {result.duration:.1f} s"
         )
+    for destination in result.destinations:
+        if destination.status == "ok" and destination.engine_stats is not None:
+            new = human_size(destination.engine_stats.deduplicated_size)
+            out.print(
+                f"  [green]written[/] to {destination.repository}: {new} new, "
+                f"in {destination.duration:.1f} s"
+            )
+        else:
+            out.print(f"  [red]not written[/] to {destination.repository}: {destination.error}")
     for app in result.apps:
         if app.healthy_after is not None:
             out.print(f"{app.app}: healthy {app.healthy_after:.1f} s after the drill began")

@@ -41,6 +41,13 @@ def resolve(name: str | None) -> Repository | None:
     return repositories.get(name)
 
 
+def resolve_one(name: str) -> Repository:
+    """The repository ``name`` ("default": the embedded one)."""
+    from homesafe import repositories
+
+    return repositories.get(name)
+
+
 @click.group("repo")
 def repo_group() -> None:
     """Repositories: where archives go (local, ssh, sftp, S3; borg or restic).
