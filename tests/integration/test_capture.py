@@ -35,9 +35,10 @@ def describe(result: api.OperationResult) -> str:
     return str(result.to_dict())
 
 
-def manifest(app_id: str, paths: list[Path], daemon: Daemon, **extra: str) -> str:
+def manifest(app_id: str, paths: list[Path], daemon: Daemon, config: Path | None) -> str:
     lines = [f'id = "{app_id}"']
-    lines += [f'{key} = "{value}"' for key, value in extra.items()]
+    if config is not None:
+        lines += ["[config]", f'files = ["{config}"]']
     lines.append("[data]")
     lines.append("directories = [" + ", ".join(f'"{path}"' for path in paths) + "]")
     return "\n".join(lines) + "\n" + daemon.manifest_service(app_id)
@@ -48,15 +49,20 @@ def writing_app(
     data: Path,
     daemon_factory: DaemonFactory,
     write_manifest: ManifestWriter,
-    **extra: str,
 ) -> Daemon:
+    """An app owning ``data`` (a payload and the pairs its daemon writes) and a config
+    file next to it (a single file: bind-mounted alone)."""
     data.mkdir(parents=True, exist_ok=True)
     (data / "payload").mkdir(exist_ok=True)
     for number in range(40):
         (data / "payload" / f"file-{number}").write_bytes(os.urandom(256 * 1024))
+    config = None
+    if snapshots.same_filesystem(data, data.parent):
+        config = data.parent / f"{app_id}.conf"
+        config.write_text(f"name = {app_id}\n")
     daemon = daemon_factory(app_id)
     daemon.write_into(data)
-    write_manifest(app_id, manifest(app_id, [data], daemon, **extra))
+    write_manifest(app_id, manifest(app_id, [data], daemon, config))
     daemon.start()
     return daemon
 
@@ -76,10 +82,15 @@ def back_up_twice(app_id: str, strategy: str) -> api.OperationResult:
 
 
 def restored_pair(archive: str, app_id: str, data: Path, target: Path) -> tuple[str, str]:
+    """Restore the app below ``target``; its config file and the daemon's two numbers."""
     target.mkdir()
     result = api.restore_apps(archive, [app_id], target_root=target)
     assert result.status == "ok", describe(result)
     inside = target / str(data).lstrip("/")
+    configs = list(target.rglob("*.conf"))
+    has_config = snapshots.same_filesystem(data, data.parent)  # as writing_app decides
+    expected = [f"name = {app_id}\n"] if has_config else []
+    assert [path.read_text() for path in configs] == expected, configs
     return (inside / "first").read_text(), (inside / "second").read_text()
 
 
@@ -192,8 +203,10 @@ def test_staged_copy_on_ext4_stops_only_for_the_last_pass(
     assert chat.strategy == "staged"
     assert 0 < chat.downtime < result.duration
     assert daemon.is_running()
-    staged = list((locations.staging_directory() / "chat").iterdir())
-    assert len(staged) == 1 and (staged[0] / "payload" / "file-1").is_file()
+    staged = sorted((locations.staging_directory() / "chat").iterdir(), key=lambda p: p.suffix)
+    assert [path.suffix for path in staged] == ["", ".conf"]  # the data and the config file
+    assert (staged[0] / "payload" / "file-1").is_file()
+    assert staged[1].read_text() == "name = chat\n"
     assert (locations.staging_directory() / "chat").stat().st_mode & 0o077 == 0
     pair = restored_pair(result.archive, "chat", data, tmp_path / "restored")
     assert pair[0] == pair[1], pair

@@ -283,6 +283,7 @@ class Captures:
         self._staging_started: dict[str, int] = {}  # path -> time_ns of its first copy
         self._stop_reasons: dict[str, str] = {}  # app -> why it cannot be staged
         self._counter = 0
+        self._taken_now: dict[Path, Path] = {}  # subvolume -> its snapshot, for one app
 
     def __enter__(self) -> Captures:
         return self
@@ -329,6 +330,8 @@ class Captures:
         reason = self._stop_reasons.get(plan.app_id)
         if reason is not None and plan.strategy != "live":
             _stop_for_the_run(plan, reason)
+        # Paths of the app in one subvolume share one snapshot: it is of one instant.
+        self._taken_now = {}
         for entry in plan.paths:
             if entry.method == "snapshot":
                 self._snapshot(entry.path)
@@ -381,6 +384,8 @@ class Captures:
         holder.mkdir(mode=0o700)
 
     def _take_snapshot(self, subvolume: snapshots.Subvolume, holder: Path) -> Path:
+        if subvolume.path in self._taken_now:
+            return self._taken_now[subvolume.path]
         self._make_holder(holder, "snapshots")
         taken = snapshots.take_snapshot(subvolume, holder, self._next_name())
         # Journaled once it exists: recovery deletes it if homesafe dies holding it.
@@ -393,6 +398,7 @@ class Captures:
             },
         )
         self._snapshots.append((taken.path, entry))
+        self._taken_now[subvolume.path] = taken.path
         return taken.path
 
     def _clone(self, path: str) -> None:
