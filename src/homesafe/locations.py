@@ -62,9 +62,9 @@ def lockdown_directory() -> Path:
 
 
 def staging_directory() -> Path:
-    """Where staged copies of apps are kept between backups (``HOMESAFE_STAGING``,
-    default ``$HOMESAFE_HOME/staging``): kept, so that the next backup copies only
-    what changed and the engine's cache of unchanged files stays valid."""
+    """Where a backup stages copies of apps it cannot snapshot or clone, for the time
+    of the backup (``HOMESAFE_STAGING``, default ``$HOMESAFE_HOME/staging``): it needs
+    room for a copy of such apps."""
     configured = os.environ.get("HOMESAFE_STAGING")
     return Path(configured) if configured else home() / "staging"
 

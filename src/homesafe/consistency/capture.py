@@ -13,14 +13,14 @@ Per path, the cheapest safe way is chosen:
 * ``clone``: the filesystem makes reflink copies (XFS with reflink=1, and btrfs when a
   clone is asked for): ``cp --reflink=always`` into ``.homesafe-clones/`` at the root of
   the filesystem. Metadata only, so it grows with the number of files, not their size.
-* ``staged``: any other filesystem: a copy kept in :func:`locations.staging_directory`
-  is brought up to date by ``rsync`` while the app runs (:meth:`Captures.prepare`), then,
-  quiesced, once more for what changed since (:meth:`Captures.capture`): the downtime
-  grows with what changed during the first copy. Files whose change time is after the
-  first copy began are copied again whatever their size and modification time say
-  (those can be set back by a program; the change time cannot). When the staging area
-  is short of space, the app is stopped for the whole archive run instead (``stop``),
-  and the result says why.
+* ``staged``: any other filesystem: a copy in :func:`locations.staging_directory` is
+  made by ``rsync`` while the app runs (:meth:`Captures.prepare`), then, quiesced,
+  brought up to date for what changed since (:meth:`Captures.capture`): the downtime
+  grows with what changed during the first copy, not with the data size. Files whose
+  change time is after the first copy began are copied again whatever their size and
+  modification time say (those can be set back by a program; the change time cannot).
+  When the staging area is short of space, the app is stopped for the whole archive
+  run instead (``stop``), and the result says why.
 * ``live``: nothing held still: the app says it is safe (``consistency = "live"``) or,
   under ``auto``, it has nothing to hold still (no services, no lockdown commands).
 
@@ -34,9 +34,12 @@ mounted over its original path (:mod:`.view`), so the archive holds the original
 That needs root; without it (or with a Python caller's own backup handler, which reads
 the live paths), every app that needs holding still is stopped for the run.
 
-Snapshots and clones are recorded in the operation's journal as soon as they exist and
-removed by :meth:`Captures.close` however the backup ends (or by ``homesafe recover``
-after a crash). Staged copies stay for the next backup.
+Snapshots, clones and staged copies are recorded in the operation's journal as soon as
+they exist and removed by :meth:`Captures.close` however the backup ends (or by
+``homesafe recover`` after a crash). Clones and staged copies are new files each time
+(new inodes and change times): the engine reads their files again (and deduplicates
+them) rather than trust size and modification time alone, which a program can keep
+while changing a file (see :class:`ReadView`). Snapshots keep inodes and change times.
 """
 
 from __future__ import annotations
@@ -222,9 +225,9 @@ def _stop_for_the_run(plan: AppCapturePlan, reason: str) -> None:
 # -- the captures of one backup -------------------------------------------------------
 
 
-def _staged_copy(app_id: str, path: str) -> Path:
+def _staged_name(app_id: str, path: str) -> str:
     digest = hashlib.sha256(path.encode()).hexdigest()[:16]
-    return locations.staging_directory() / app_id / f"{digest}-{Path(path).name or 'root'}"
+    return f"{app_id}/{digest}-{Path(path).name or 'root'}"
 
 
 def _rsync_argv(source: str, destination: Path) -> list[str]:
@@ -246,13 +249,9 @@ def _tree_bytes(path: str | Path) -> int:
     return total
 
 
-def _staging_shortfall(paths: Sequence[str], copies: Sequence[Path]) -> str | None:
-    """Why the staged copies of ``paths`` would not fit, or None when they do."""
-    directory = locations.staging_directory()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    growth = sum(_tree_bytes(path) for path in paths) - sum(
-        _tree_bytes(copy) for copy in copies if os.path.lexists(copy)
-    )
+def _staging_shortfall(paths: Sequence[str], directory: Path) -> str | None:
+    """Why copies of ``paths`` would not fit in ``directory``, or None when they do."""
+    growth = sum(_tree_bytes(path) for path in paths)
     facts = os.statvfs(directory)
     free = facts.f_bavail * facts.f_frsize
     size = facts.f_blocks * facts.f_frsize
@@ -260,7 +259,7 @@ def _staging_shortfall(paths: Sequence[str], copies: Sequence[Path]) -> str | No
     if growth + reserve > free:
         return (
             f"not enough space to stage a copy in {directory}: it needs "
-            f"{max(growth, 0) // 2**20} MiB more and {reserve // 2**20} MiB to spare, "
+            f"{growth // 2**20} MiB and {reserve // 2**20} MiB to spare, "
             f"{free // 2**20} MiB are free (set HOMESAFE_STAGING to a roomier place)"
         )
     return None
@@ -275,12 +274,12 @@ class Captures:
         self.run_name = run_name
         self.binds: list[tuple[str, str]] = []
         self.excludes: list[str] = []
-        self.stable_inodes = True
         self._stack = contextlib.ExitStack()
         self._snapshots: list[tuple[Path, int]] = []  # (path, journal entry)
         self._holders: dict[Path, int] = {}  # directories made, with journal entries
         self._clone_directories: dict[str, Path] = {}  # mount point -> directory of run
         self._staging_started: dict[str, int] = {}  # path -> time_ns of its first copy
+        self._staging: Path | None = None  # this run's directory of staged copies
         self._stop_reasons: dict[str, str] = {}  # app -> why it cannot be staged
         self._counter = 0
         self._taken_now: dict[Path, Path] = {}  # subvolume -> its snapshot, for one app
@@ -297,7 +296,6 @@ class Captures:
             return None
         return ReadView(
             wrapper=tuple(wrapper_argv(self.binds)),
-            stable_inodes=self.stable_inodes,
             excludes=tuple(self.excludes),
         )
 
@@ -309,16 +307,29 @@ class Captures:
         staged = [entry.path for entry in plan.paths if entry.method == "staged"]
         if not staged:
             return
-        copies = [_staged_copy(plan.app_id, path) for path in staged]
-        shortfall = _staging_shortfall(staged, copies)
+        root = locations.staging_directory()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shortfall = _staging_shortfall(staged, root)
         if shortfall is not None:
             self._stop_reasons[plan.app_id] = shortfall
             _stop_for_the_run(plan, shortfall)
             return
-        for path, copy in zip(staged, copies, strict=True):
-            copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in staged:
+            copy = self._staged_copy(plan.app_id, path)
             self._staging_started[path] = time.time_ns()
             self._copy(path, copy)
+
+    def _staged_copy(self, app_id: str, path: str) -> Path:
+        """Where ``path`` of ``app_id`` is staged in this run (its parent made)."""
+        if self._staging is None:
+            root = locations.staging_directory()
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._staging = self._stack.enter_context(
+                journal.temporary_directory(root, f"{self.run_name}-")
+            )
+        copy = self._staging / _staged_name(app_id, path)
+        copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return copy
 
     # -- under the quiesce --------------------------------------------------------
 
@@ -417,7 +428,6 @@ class Captures:
         else:
             snapshots.reflink_clone(path, copy)
         self.binds.append((os.fspath(copy), path))
-        self.stable_inodes = False
 
     def _clone_entries(self, path: str, copy: Path) -> None:
         """Clone the root of a filesystem entry by entry: the clones' own directory is
@@ -443,12 +453,9 @@ class Captures:
             raise
 
     def _finish_staged_copy(self, app_id: str, path: str) -> None:
-        copy = _staged_copy(app_id, path)
+        copy = self._staged_copy(app_id, path)
         started = self._staging_started.get(path)
-        if started is None:
-            # Made by a backup_pre hook (a dump, say): copied whole, now.
-            copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        else:
+        if started is not None:  # else made by a backup_pre hook (a dump): copied now
             _mark_changed_since(path, copy, started - CHANGE_TIME_MARGIN_NS)
         self._copy(path, copy)
         self.binds.append((os.fspath(copy), path))
@@ -456,8 +463,8 @@ class Captures:
     # -- afterwards ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Delete every snapshot and clone of this run (the journal keeps what cannot
-        be deleted, for ``homesafe recover``); staged copies stay."""
+        """Delete every snapshot, clone and staged copy of this run (the journal keeps
+        what cannot be deleted, for ``homesafe recover``)."""
         failures = []
         for path, entry in reversed(self._snapshots):
             try:

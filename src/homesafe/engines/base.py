@@ -47,16 +47,16 @@ class ReadView:
     ``wrapper`` is an argv prefix that runs the engine with captured copies (snapshots,
     clones, staged copies) mounted at their original paths, so that the archive and
     the engine's cache of unchanged files see the original paths
-    (:func:`homesafe.consistency.view.wrapper_argv`). ``stable_inodes`` is False when a
-    copy was made anew for this run (a reflink clone): its inode numbers and change
-    times are new although the contents are not, so the engine must tell unchanged
-    files by size and modification time only, or it would read every file again.
+    (:func:`homesafe.consistency.view.wrapper_argv`). The engine keeps its own rule for
+    telling unchanged files (borg: change time, size and inode): a snapshot keeps
+    them, so unchanged files are not read again; a clone or staged copy is new each
+    time, so its files are read again (and deduplicated), which is slower but never
+    takes a file changed behind its modification time for unchanged.
     ``excludes`` are absolute paths in the view that are not part of any app (the
     directory holding snapshots, when it is inside an app's path).
     """
 
     wrapper: tuple[str, ...] = ()
-    stable_inodes: bool = True
     excludes: tuple[str, ...] = ()
 
 

@@ -181,10 +181,6 @@ def create_argv(
     argv = [BORG, "create", "--json", "--log-json"]
     if progress:
         argv.append("--progress")
-    if view is not None and not view.stable_inodes:
-        # Copies made anew for this run have new inodes and change times: without this
-        # every file would look changed and be read again.
-        argv.append("--files-cache=mtime,size")
     for excluded in view.excludes if view is not None else ():
         argv += ["--exclude", "pp:" + excluded]
     if timestamp is not None:

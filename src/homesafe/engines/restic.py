@@ -229,9 +229,6 @@ def backup_argv(
 ) -> list[str]:
     argv = [RESTIC, "backup", *common_options(repository), "--json"]
     argv += ["--compression", repository.compression]
-    if view is not None and not view.stable_inodes:
-        # Copies made anew for this run: new inodes and change times, same contents.
-        argv += ["--ignore-inode", "--ignore-ctime"]
     for excluded in view.excludes if view is not None else ():
         argv += ["--exclude", escape_pattern(excluded)]
     for tag in tags:
