@@ -534,7 +534,7 @@ def backup_apps(
     with _staging_directory() as staging, capture.Captures(name) as captures:
         try:
             for group in dependency_groups(selected):
-                held.append(_capture_group(group, results, packet, captures, strategy, views))
+                _capture_group(group, results, packet, captures, strategy, views, held)
             included = [app for app in selected if results[app.id].active]
             paths = [path for app in included for path in results[app.id].paths]
             packet.apps = included
@@ -595,14 +595,16 @@ def _capture_group(
     captures: Any,
     strategy: str | None,
     views: bool,
-) -> _Quiesced:
+    held: list[_Quiesced],
+) -> None:
     """Hold one dependency group still just long enough to capture it.
 
     Staged copies get their first pass while the apps run; then the group is quiesced,
     its ``backup_pre`` hooks run (they may write files to capture, such as dumps), each
     app is captured by its plan, and the group is resumed, unless an app of it must
-    stay stopped for the archive run. Returns the group's bracket (already left, or to
-    be left once the archive is written)."""
+    stay stopped for the archive run. The group's bracket is put in ``held`` before
+    anything is stopped, so that the caller's ``finally`` resumes it whatever
+    happens here (it is left already, or once the archive is written)."""
     from homesafe.consistency.capture import plan_app
 
     for app in group:
@@ -614,9 +616,10 @@ def _capture_group(
             continue
         try:
             captures.prepare(plan)
-        except HomesafeError as error:
-            results[app.id].fail("capture", f"staged copy failed: {error.message}")
+        except (HomesafeError, OSError) as error:
+            results[app.id].fail("capture", f"staged copy failed: {_message(error)}")
     quiesced = _Quiesced(list(group), results, "backup")
+    held.append(quiesced)
     quiesced.enter()
     _run_hooks("backup_pre", group, results, packet)
     hold_for_the_run = False
@@ -631,15 +634,18 @@ def _capture_group(
             continue
         try:
             captures.capture(plan)
-        except HomesafeError as error:
-            result.fail("capture", f"{plan.strategy} failed: {error.message}")
+        except (HomesafeError, OSError) as error:
+            result.fail("capture", f"{plan.strategy} failed: {_message(error)}")
             continue
         result.strategy = plan.strategy
         result.warnings.extend(plan.notes)
         hold_for_the_run = hold_for_the_run or plan.holds_still_for_the_run
     if not hold_for_the_run:
         quiesced.leave()
-    return quiesced
+
+
+def _message(error: HomesafeError | OSError) -> str:
+    return error.message if isinstance(error, HomesafeError) else str(error)
 
 
 def _remove_captures(captures: Any, apps: Sequence[App], results: dict[str, AppResult]) -> None:

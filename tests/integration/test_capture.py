@@ -411,3 +411,31 @@ def test_the_last_staged_pass_copies_what_changed_during_the_first_behind_its_ti
         assert (Path(copy) / "book").stat().st_mtime_ns == status.st_mtime_ns
         assert (Path(copy) / "other").read_bytes() == b"untouched"
     assert not Path(copy).exists()  # removed with the captures
+
+
+def test_a_capture_that_fails_fails_its_app_only_and_resumes_it(
+    btrfs: LoopFilesystem, daemon_factory: DaemonFactory, write_manifest: ManifestWriter
+) -> None:
+    broken = btrfs.mount_point / "broken"
+    run("btrfs", "subvolume", "create", broken)
+    (broken / ".homesafe-snapshots").write_text("a file where snapshots would go\n")
+    fine = btrfs.mount_point / "fine"
+    run("btrfs", "subvolume", "create", fine)
+    broken_daemon = writing_app("broken", broken, daemon_factory, write_manifest)
+    fine_daemon = writing_app("fine", fine, daemon_factory, write_manifest)
+
+    result = api.backup_apps()
+
+    assert result.status == "partial", describe(result)
+    failure = result.app("broken").errors[0]
+    assert failure.error_type == "capture" and "snapshot failed" in failure.message
+    assert result.app("fine").status == "ok" and result.app("fine").strategy == "snapshot"
+    assert broken_daemon.is_running() and fine_daemon.is_running()
+    assert (broken / ".homesafe-snapshots").read_text().startswith("a file")
+    assert run("btrfs", "subvolume", "list", "-o", btrfs.mount_point).count("\n") == 2
+    assert journal_files() == []
+
+
+def journal_files() -> list[str]:
+    directory = locations.home() / "journal"
+    return sorted(os.listdir(directory)) if directory.is_dir() else []

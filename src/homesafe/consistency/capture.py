@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -225,11 +224,6 @@ def _stop_for_the_run(plan: AppCapturePlan, reason: str) -> None:
 # -- the captures of one backup -------------------------------------------------------
 
 
-def _staged_name(app_id: str, path: str) -> str:
-    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
-    return f"{app_id}/{digest}-{Path(path).name or 'root'}"
-
-
 def _rsync_argv(source: str, destination: Path) -> list[str]:
     # A trailing slash copies a directory's contents into ``destination`` itself.
     origin = source.rstrip("/") + "/" if os.path.isdir(source) else source
@@ -280,6 +274,7 @@ class Captures:
         self._clone_directories: dict[str, Path] = {}  # mount point -> directory of run
         self._staging_started: dict[str, int] = {}  # path -> time_ns of its first copy
         self._staging: Path | None = None  # this run's directory of staged copies
+        self._staged: dict[str, Path] = {}  # path -> its staged copy
         self._stop_reasons: dict[str, str] = {}  # app -> why it cannot be staged
         self._counter = 0
         self._taken_now: dict[Path, Path] = {}  # subvolume -> its snapshot, for one app
@@ -327,7 +322,11 @@ class Captures:
             self._staging = self._stack.enter_context(
                 journal.temporary_directory(root, f"{self.run_name}-")
             )
-        copy = self._staging / _staged_name(app_id, path)
+        copy = self._staged.get(path)
+        if copy is not None:
+            return copy
+        copy = self._staging / app_id / f"{len(self._staged)}-{Path(path).name or 'root'}"
+        self._staged[path] = copy
         copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return copy
 
