@@ -48,7 +48,6 @@ import functools
 import json
 import logging
 import os
-import secrets
 import shutil
 import socket
 import sys
@@ -263,7 +262,9 @@ def active() -> Journal:
 def temporary_directory(parent: Path, prefix: str) -> Iterator[Path]:
     """A new private directory (0700) in ``parent``, journaled before it is made and
     removed, with everything in it, when the block ends (or by recovery)."""
-    path = parent / f"{prefix}{secrets.token_hex(6)}"
+    # os.urandom is what secrets.token_hex reads; the secrets module itself would load
+    # OpenSSL (through hmac) into every operation for this one name.
+    path = parent / f"{prefix}{os.urandom(6).hex()}"
     journal = active()
     entry = journal.record(TEMPORARY_DIRECTORY, {"path": str(path)})
     try:

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import json
 import os
 import re
-import secrets
 import shlex
 import socket
 import stat
@@ -365,6 +363,10 @@ def generate_passphrase(repository: Repository) -> None:
 
 
 def new_passphrase() -> str:
+    # secrets and hashlib are imported where they are used: they load OpenSSL, which
+    # an ordinary backup, importing this module, does not otherwise need.
+    import secrets
+
     return secrets.token_urlsafe(32)
 
 
@@ -570,6 +572,8 @@ class HostKey:
     @property
     def fingerprint(self) -> str:
         """``SHA256:...`` as ``ssh-keygen -l`` prints it."""
+        import hashlib
+
         digest = hashlib.sha256(base64.b64decode(self.key)).digest()
         return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 

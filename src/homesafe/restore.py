@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -73,7 +72,7 @@ class StagingArea:
             # the targets themselves.
             parent = base if os.stat(base).st_dev == self.device else self.anchor
             # Named before it is made, so that the journal knows it before it exists.
-            root = parent / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+            root = parent / f"{STAGING_PREFIX}{os.urandom(6).hex()}"  # as secrets.token_hex
             self.entry = journal.active().record(journal.TEMPORARY_DIRECTORY, {"path": str(root)})
             root.mkdir(mode=0o700)
             self.root = root
