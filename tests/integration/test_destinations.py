@@ -153,3 +153,35 @@ def test_backup_with_repo_twice_on_the_command_line(app_with_service: Path, tmp_
     )
     assert text.returncode == 0, text.stderr
     assert "written to default" in text.stdout and "written to spare" in text.stdout
+
+
+def test_only_the_repository_that_missed_the_archive_is_alerted(
+    app_with_service: Path, tmp_path: Path
+) -> None:
+    from homesafe import alerts
+    from tests.support.alert_servers import http_server
+
+    register_local("good", "borg", tmp_path / "good")
+    wrong = register_local("wrong", "borg", tmp_path / "wrong")
+    assert wrong.passphrase_file is not None
+    wrong.passphrase_file.write_text("not the passphrase\n")
+    with http_server() as server:
+        for name in ("good", "wrong"):
+            alerts.add_channel(
+                name, f"{name}-hook", "webhook", settings={"url": f"{server.url}/{name}"}
+            )
+
+        completed = subprocess.run(
+            [HOMESAFE, "backup", "--repo", "good", "--repo", "wrong"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+        assert completed.returncode == 3, completed.stdout + completed.stderr
+        assert "not written to wrong" in completed.stdout
+        (request,) = server.wait_for(1)
+        assert request.path == "/wrong"
+        body = json.loads(request.body)
+        assert body["event"] == "failure" and "Not written here" in body["message"]
+        assert len(server.requests) == 1
