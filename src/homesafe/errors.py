@@ -17,7 +17,12 @@ The tree::
     │   ├── PassphraseError            wrong or missing passphrase
     │   ├── ArchiveNotFoundError
     │   ├── ArchiveExistsError
-    │   └── RepositoryLockedError
+    │   ├── RepositoryLockedError
+    │   └── RemoteAccessError          a remote repository cannot be reached or trusted
+    │       ├── HostUnreachableError   wrong name or port, host down, firewall
+    │       ├── AuthenticationRefusedError  the server refused homesafe's key
+    │       ├── HostKeyChangedError    the host key is not the one trusted before
+    │       └── HostKeyUnknownError    the host key was never trusted
     ├── ServiceError                   a service would not stop, start or report
     ├── HookError                      a pre/post hook failed with on_error = "fail"
     ├── OperationLockedError           another backup or restore holds this host's lock
@@ -157,6 +162,27 @@ class ArchiveExistsError(EngineError):
 
 class RepositoryLockedError(EngineError):
     """Another process holds the repository lock."""
+
+
+class RemoteAccessError(EngineError):
+    """A remote repository could not be reached or its server not trusted; one
+    subclass per thing a person must do something different about."""
+
+
+class HostUnreachableError(RemoteAccessError):
+    """No connection to the host: wrong name or port, host down, firewall."""
+
+
+class AuthenticationRefusedError(RemoteAccessError):
+    """The server refused homesafe's client key (it is not in authorized_keys)."""
+
+
+class HostKeyChangedError(RemoteAccessError):
+    """The server shows a host key other than the one trusted before: stop, look why."""
+
+
+class HostKeyUnknownError(RemoteAccessError):
+    """The server's host key was never trusted (or trusting it was declined)."""
 
 
 class ServiceError(HomesafeError):

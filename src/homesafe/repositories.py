@@ -44,10 +44,14 @@ from typing import Literal
 
 from homesafe import execute, locations, state
 from homesafe.errors import (
+    AuthenticationRefusedError,
     CommandError,
     ConfigurationError,
-    EngineError,
+    HostKeyChangedError,
+    HostKeyUnknownError,
+    HostUnreachableError,
     PassphraseError,
+    RemoteAccessError,
     UsageError,
 )
 
@@ -93,31 +97,6 @@ LOCATION_KINDS = {"borg": ("local", "ssh"), "restic": ("local", "sftp", "s3")}
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 S3_CREDENTIAL_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 PASSCOMMAND_TIMEOUT = 120
-
-
-# -- errors of remote access ---------------------------------------------------------
-# Subclasses of EngineError (they surface from engine calls), one per thing a person
-# must do something different about.
-
-
-class RemoteAccessError(EngineError):
-    """A remote repository could not be reached or its server not trusted."""
-
-
-class HostUnreachableError(RemoteAccessError):
-    """No connection to the host: wrong name or port, host down, firewall."""
-
-
-class AuthenticationRefusedError(RemoteAccessError):
-    """The server refused homesafe's client key (it is not in authorized_keys)."""
-
-
-class HostKeyChangedError(RemoteAccessError):
-    """The server shows a host key other than the one trusted before: stop, look why."""
-
-
-class HostKeyUnknownError(RemoteAccessError):
-    """The server's host key was never trusted (or trusting it was declined)."""
 
 
 # -- locations -----------------------------------------------------------------------

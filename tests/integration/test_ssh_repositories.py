@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 
 from homesafe import api, repositories
-from homesafe.repositories import (
+from homesafe.errors import (
     AuthenticationRefusedError,
-    HostKey,
     HostKeyChangedError,
     HostKeyUnknownError,
     HostUnreachableError,
+)
+from homesafe.repositories import (
+    HostKey,
     Repository,
 )
 from tests.conftest import ManifestWriter, requires_program

@@ -11,13 +11,17 @@ from pathlib import Path
 import pytest
 
 from homesafe import repositories
-from homesafe.errors import ConfigurationError, PassphraseError, UsageError
-from homesafe.repositories import (
+from homesafe.errors import (
     AuthenticationRefusedError,
-    HostKey,
+    ConfigurationError,
     HostKeyChangedError,
     HostKeyUnknownError,
     HostUnreachableError,
+    PassphraseError,
+    UsageError,
+)
+from homesafe.repositories import (
+    HostKey,
     Location,
     Repository,
     parse_location,

@@ -57,8 +57,10 @@ from homesafe.engines.base import (
 from homesafe.errors import (
     ArchiveExistsError,
     ArchiveNotFoundError,
+    AuthenticationRefusedError,
     CommandError,
     EngineError,
+    HostUnreachableError,
     PassphraseError,
     RepositoryExistsError,
     RepositoryLockedError,
@@ -66,8 +68,6 @@ from homesafe.errors import (
     UsageError,
 )
 from homesafe.repositories import (
-    AuthenticationRefusedError,
-    HostUnreachableError,
     Repository,
     classify_ssh_failure,
     diagnose_ssh,
