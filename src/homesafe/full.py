@@ -160,6 +160,18 @@ def _journal_made(description: str, undo: list[str], removes: Path | None = None
     return journal.active().record(journal.COMMAND, data)
 
 
+def _make_directory(path: Path, purpose: str) -> int | None:
+    """Make the directory ``path`` if it is missing, journaled first (recovery removes
+    it once empty); the journal entry, or None when it existed."""
+    if path.is_dir():
+        return None
+    entry = journal.active().record(
+        journal.DIRECTORY_CREATED, {"path": str(path), "purpose": purpose}
+    )
+    path.mkdir(mode=0o700)
+    return entry
+
+
 def source_subvolume(path: str | os.PathLike[str]) -> Subvolume:
     """The btrfs subvolume whose root is ``path``; raises (before anything is changed)
     when ``path`` is not on btrfs or not the root of a subvolume."""
@@ -334,10 +346,11 @@ def backup_full(
     snapshot_directory = source.path / SNAPSHOT_DIRECTORY
     taken: Subvolume | None = None
     entry = 0
+    made: int | None = None
     try:
         nested, mounted = _not_included(source)
         result.not_included = [*nested, *mounted]
-        snapshot_directory.mkdir(mode=0o700, exist_ok=True)
+        made = _make_directory(snapshot_directory, "snapshots")
         clock = time.monotonic()
         result.snapshot_time = _now()
         taken = snapshots.take_snapshot(source, snapshot_directory, name, read_only=False)
@@ -378,6 +391,8 @@ def backup_full(
         # Only when empty: a snapshot another run is reading stays where it is.
         with contextlib.suppress(OSError):
             snapshot_directory.rmdir()
+        if made is not None:
+            journal.active().undone(made)
     if result.not_included:
         result.notes.append(
             "Not in the archive (a snapshot holds neither nested subvolumes nor other "
@@ -470,6 +485,11 @@ def _parent_directory(current: Subvolume) -> Iterator[tuple[Path, str]]:
     mounts = locations.ensure_home() / "mnt"
     mounts.mkdir(mode=0o700, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="full-restore-", dir=mounts))
+    # Journaled once made (its name is not known before): recovery removes it, empty,
+    # after undoing the mount.
+    made = journal.active().record(
+        journal.DIRECTORY_CREATED, {"path": str(target), "purpose": "a temporary mount"}
+    )
     try:
         options = [f"subvolid={snapshots.BTRFS_TOP_LEVEL_ID}"]
         snapshots.mount(current.mount.source, target, options=options, filesystem="btrfs")
@@ -483,6 +503,7 @@ def _parent_directory(current: Subvolume) -> Iterator[tuple[Path, str]]:
         # rmdir only: it fails, harmlessly, if something is still mounted there.
         with contextlib.suppress(OSError):
             target.rmdir()
+            journal.active().undone(made)
 
 
 def fstab_subvolume_options(fstab: str) -> list[str]:

@@ -414,6 +414,7 @@ def test_recovery_after_sigkill_removes_snapshot_mount_and_half_restore(system: 
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     assert f"delete the snapshot {left}" in recovered.stdout
     assert not left.exists()
+    assert not left.parent.exists()  # the directory made for it too
     assert sorted(name for _, name in _listed(system)) == ["@root", "srv-data"]
     assert not list(journal.directory().glob("*.jsonl"))
 
@@ -431,6 +432,7 @@ def test_recovery_after_sigkill_removes_snapshot_mount_and_half_restore(system: 
     assert recovered.returncode == 0, recovered.stdout + recovered.stderr
     assert "delete the half-restored subvolume" in recovered.stdout
     assert f"unmount {mount_point}" in recovered.stdout
+    assert not mount_point.exists()  # the directory made for the mount too
     assert "@new" not in [name for _, name in _listed(system)]
     assert snapshots.default_subvolume_id(system.root) == system.root_id
     assert not list(journal.directory().glob("*.jsonl"))
