@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from homesafe import api
+from homesafe.errors import CommandError
 from tests.conftest import Daemon, DaemonFactory, ManifestWriter, requires_program, requires_root
 from tests.support.apps import (
     actions,
@@ -246,6 +247,46 @@ def test_runit_service_is_down_during_the_backup_and_runs_again_after(
     assert runit.status("resting").startswith("down: resting:")
     assert result.app("sleepy").strategy == "staged"
     assert result.app("sleepy").downtime > 0
+
+
+@requires_root()
+@requires_program("runsvdir")
+@requires_program("sv")
+def test_a_runit_check_script_decides_when_the_service_is_up_again(
+    homesafe_env: Path, runit: Runit
+) -> None:
+    """homesafe reads runsv's state to know a service stopped or started; a service
+    with a ``check`` script is up only when the script says so (sv runs it)."""
+    from homesafe.consistency.services import RunitHandler
+    from homesafe.manifest import RunitService
+
+    service = runit.directory / "slow"
+    service.mkdir()
+    ready = homesafe_env / "ready"
+    (service / "run").write_text(
+        f"#!/bin/sh\nrm -f {ready}\nsleep 0.6\ntouch {ready}\nexec sleep 1000\n"
+    )
+    (service / "check").write_text(f"#!/bin/sh\ntest -e {ready}\n")
+    for script in ("run", "check"):
+        (service / script).chmod(0o755)
+    runit.start()
+    handler = RunitHandler(
+        RunitService(type="runit", name="slow", service_directory=str(runit.directory))
+    )
+    fast = RunitHandler(
+        RunitService(type="runit", name="quick", service_directory=str(runit.directory))
+    )
+
+    handler.stop()
+    assert handler.state() == "down" and not handler.is_running()
+    ready.unlink(missing_ok=True)  # the run script makes it 0.6 s after it starts
+    handler.start()
+    assert ready.exists(), "start returned before the check script said the service is up"
+    assert handler.state() == "run" and handler.is_running()
+    # Without a check script, runsv's state alone says it (no 0.42 s polls of sv -w).
+    assert fast.state() is None  # no such service: sv waits, and says why it failed
+    with pytest.raises(CommandError):
+        fast.stop()
 
 
 def test_lockdown_flag_and_commands_bracket_backup_and_restore(

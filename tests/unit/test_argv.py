@@ -307,8 +307,9 @@ def test_openrc_handler_argv() -> None:
 def test_runit_handler_argv_and_service_directory() -> None:
     handler = RunitHandler(RunitService(type="runit", name="notes"))
     assert handler.status_argv() == ["sv", "status", "notes"]
-    assert handler.stop_argv() == ["sv", "-w", "30", "stop", "notes"]
-    assert handler.start_argv() == ["sv", "-w", "30", "start", "notes"]
+    assert handler.stop_argv() == ["sv", "down", "notes"]
+    assert handler.start_argv() == ["sv", "up", "notes"]
+    assert handler.waiting_argv("start") == ["sv", "-w", "30", "start", "notes"]
     assert handler.environment() is None
     custom = RunitHandler(RunitService(type="runit", name="notes", service_directory="/srv/sv"))
     assert custom.environment() == {"SVDIR": "/srv/sv"}

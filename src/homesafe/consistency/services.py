@@ -16,6 +16,7 @@ that was stopped or disabled stays so; apache is reloaded only when it runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ from homesafe.manifest import (
 )
 
 SERVICE_COMMAND_TIMEOUT = 120.0
+# How long a runit service may take to stop or start, and how often its state is read.
+RUNIT_WAIT_SECONDS = 30.0
+RUNIT_POLL_SECONDS = 0.005
 APACHE_PID_FILE = "/var/run/apache2/apache2.pid"
 
 
@@ -107,11 +111,30 @@ class RunitHandler:
     def status_argv(self) -> list[str]:
         return ["sv", "status", self.service.name]
 
+    # ``up``/``down`` only ask runsv; ``start``/``stop`` also wait, polling every 0.42 s.
     def stop_argv(self) -> list[str]:
-        return ["sv", "-w", "30", "stop", self.service.name]
+        return ["sv", "down", self.service.name]
 
     def start_argv(self) -> list[str]:
-        return ["sv", "-w", "30", "start", self.service.name]
+        return ["sv", "up", self.service.name]
+
+    def waiting_argv(self, command: str) -> list[str]:
+        """``sv`` waiting itself for ``command`` to take effect: used when runsv's state
+        file cannot be read, or a ``check`` script must say when the service is up."""
+        return ["sv", "-w", str(round(RUNIT_WAIT_SECONDS)), command, self.service.name]
+
+    def supervise_directory(self) -> Path:
+        base = self.service.service_directory or os.environ.get("SVDIR") or "/etc/service"
+        return Path(base) / self.service.name / "supervise"
+
+    def state(self) -> str | None:
+        """What runsv says the service is doing ("run", "down", "finish"), read from
+        its ``supervise/stat`` file; None when that cannot be read."""
+        try:
+            text = (self.supervise_directory() / "stat").read_text()
+        except OSError:
+            return None
+        return text.split(",")[0].strip() or None
 
     def is_running(self) -> bool:
         completed = execute.run(
@@ -128,10 +151,32 @@ class RunitHandler:
         return completed.stdout.startswith("run:")
 
     def stop(self) -> None:
-        _run(self.stop_argv(), self.environment())
+        self._command("stop", "down")
 
     def start(self) -> None:
-        _run(self.start_argv(), self.environment())
+        # A check script decides when the service is up: only sv runs it.
+        has_check = (self.supervise_directory().parent / "check").exists()
+        self._command("start", None if has_check else "run")
+
+    def _command(self, command: str, reached: str | None) -> None:
+        """Send ``command`` and wait until runsv's state is ``reached``.
+
+        ``sv -w`` looks at the state every 0.42 s, so a stop and a start cost almost a
+        second of downtime however fast the service is; runsv's state file, read every
+        few milliseconds here, says it at once. Without it, sv waits itself.
+        """
+        if reached is None or self.state() is None:
+            _run(self.waiting_argv(command), self.environment())
+            return
+        _run(self.stop_argv() if command == "stop" else self.start_argv(), self.environment())
+        deadline = time.monotonic() + RUNIT_WAIT_SECONDS
+        while (state := self.state()) != reached:
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"{self.label} did not {command} within {RUNIT_WAIT_SECONDS:.0f} s "
+                    f"(runsv says {state!r})"
+                )
+            time.sleep(RUNIT_POLL_SECONDS)
 
 
 @dataclass
