@@ -92,6 +92,7 @@ SECOND_BACKUP_DELAY = 2.0  # seconds of writes between the first and second back
 WRITER_WAIT = 15.0  # seconds to wait for the writer's first write after a start
 MINIMUM_UPTIME = 1.5  # seconds the writer runs before a timed stop (see Runner.settle)
 SV_WAIT = "30"  # sv -w, as homesafe's runit handler passes it
+INTERRUPT_GRACE = 30.0  # seconds an interrupted command gets to clean up
 QUIET_CPUS = 0.25
 QUIET_SAMPLE_SECONDS = 1.0
 
@@ -554,6 +555,36 @@ def describe_failure(argv: list[str], completed: subprocess.CompletedProcess[byt
     return f"{' '.join(argv)} exited with {completed.returncode}\n{output}\n{errors}".strip()
 
 
+def run_command(
+    argv: list[str],
+    environment: dict[str, str],
+    cwd: Path | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a timed command, output captured. Interrupted (Ctrl-C, SIGTERM), it asks the
+    command to stop (homesafe then puts services back and stops its own children) and
+    waits for it before the clean-up unmounts what it may still use."""
+    with subprocess.Popen(
+        argv,
+        env=environment,
+        cwd=cwd,
+        pass_fds=pass_fds,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except BaseException:
+            process.terminate()
+            try:
+                process.wait(timeout=INTERRUPT_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
 @dataclass
 class Sample:
     """One backup run of one side."""
@@ -602,12 +633,7 @@ class Runner:
         return environment
 
     def run_homesafe(self, arguments: list[str]) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [self.command, *arguments],
-            env=self.homesafe_environment(),
-            capture_output=True,
-            check=False,
-        )
+        return run_command([self.command, *arguments], self.homesafe_environment())
 
     def raw_borg(self, arguments: list[str]) -> None:
         """One borg call with homesafe's environment and a passphrase pipe."""
@@ -624,14 +650,8 @@ class Runner:
             environment.update(BORG_ENVIRONMENT)
             environment["BORG_BASE_DIR"] = str(self.workspace.raw_base(self.kind))
             environment["BORG_PASSPHRASE_FD"] = str(read_end)
-            completed = subprocess.run(
-                argv,
-                env=environment,
-                cwd=self.workspace.root,
-                pass_fds=(read_end,),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                check=False,
+            completed = run_command(
+                argv, environment, cwd=self.workspace.root, pass_fds=(read_end,)
             )
         finally:
             os.close(read_end)
