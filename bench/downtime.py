@@ -16,9 +16,9 @@ filesystems (root only):
   back), the wall clock of the whole command, and the bytes the writer wrote between the
   start of the command and the stop (what changed during the first copy);
 * next to each, on the same filesystem and data, the reference behaviour: the service
-  stopped for the whole archive run (``sv -w 30 stop``, a raw ``borg create`` of the
-  same path with homesafe's options, ``sv -w 30 start``); its downtime is from the stop
-  to the end of the start, as homesafe counts its own.
+  stopped for the whole archive run (stopped by homesafe's own runit handler, a raw
+  ``borg create`` of the same path with homesafe's options, started by the handler);
+  its downtime is from the stop to the end of the start, as homesafe counts its own.
 
 Both sides make a *first* backup (into a fresh, initialised repository holding only a
 tiny bootstrap archive, so an empty files cache; for homesafe also an empty staging
@@ -91,7 +91,6 @@ WRITE_INTERVAL = 0.025  # seconds between writes, aimed at: the gap resolution
 SECOND_BACKUP_DELAY = 2.0  # seconds of writes between the first and second backup
 WRITER_WAIT = 15.0  # seconds to wait for the writer's first write after a start
 MINIMUM_UPTIME = 1.5  # seconds the writer runs before a timed stop (see Runner.settle)
-SV_WAIT = "30"  # sv -w, as homesafe's runit handler passes it
 INTERRUPT_GRACE = 30.0  # seconds an interrupted command gets to clean up
 QUIET_CPUS = 0.25
 QUIET_SAMPLE_SECONDS = 1.0
@@ -393,10 +392,20 @@ class RunitTree:
         )
 
     def control(self, action: str, kind: str) -> None:
-        """``sv -w 30 start|stop`` as homesafe's runit handler runs it."""
-        completed = self.sv("-w", SV_WAIT, action, service_name(kind))
-        if completed.returncode != 0:
-            raise RuntimeError(f"sv {action} {service_name(kind)}: {completed.stdout.strip()}")
+        """Stop or start the service as homesafe does: its own runit handler (``sv
+        down|up``, then runsv's state file read until the service is down or up), so
+        that the reference's stop and start cost what homesafe's do."""
+        from homesafe.consistency.services import RunitHandler
+        from homesafe.manifest import RunitService
+
+        service = RunitService(
+            type="runit", name=service_name(kind), service_directory=str(self.directory)
+        )
+        handler = RunitHandler(service)
+        try:
+            handler.stop() if action == "stop" else handler.start()
+        except Exception as error:
+            raise RuntimeError(f"{action} {service_name(kind)}: {error}") from error
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -782,8 +791,8 @@ class Runner:
         )
 
     def sv_cycle(self, repeat: int) -> Sample:
-        """``sv -w 30 stop`` then ``sv -w 30 start`` with nothing between: the part of
-        any downtime that the supervisor's own commands take."""
+        """A stop then a start with nothing between (homesafe's runit handler): the part
+        of any downtime that stopping and starting the service takes."""
         self.settle(False)
         started_ns = time.monotonic_ns()
         self.tree.control("stop", self.kind)
@@ -988,7 +997,7 @@ def print_table(rows: list[Row], checked: list[dict[str, Any]]) -> None:
         "downtime: as homesafe reports it (downtime_seconds), or stop to end of start for "
         "the reference;\ngap: the writer's last write before the stop to its first write "
         "after; total: the whole command;\nchanged: written from the start of the backup to "
-        "the stop;\nsv only: `sv -w 30 stop` + `sv -w 30 start` with nothing between; "
+        "the stop;\nsv only: a stop and a start (homesafe's runit handler) with nothing between; "
         "medians, seconds."
     )
     for row, target in zip(rows, checked, strict=True):
