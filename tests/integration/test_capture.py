@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -398,19 +400,40 @@ def test_the_last_staged_pass_copies_what_changed_during_the_first_behind_its_ti
     book = data / "book"
     book.write_bytes(b"before" * 1000)
     (data / "other").write_bytes(b"untouched")
+    (data / "old" / "deep").mkdir(parents=True)
+    (data / "old" / "deep" / "page").write_text("kept under a new name\n")
+    (data / "doomed").mkdir()
+    (data / "doomed" / "file").write_text("deleted during the first copy\n")
+    (data / "private").write_text("mode changes\n")
+    # Changes within a second before the first copy count as changed (the change-time
+    # clock is coarse): let the set-up be older than that.
+    time.sleep(capture.CHANGE_TIME_MARGIN_NS / 1e9 + 0.1)
     plan = capture.AppCapturePlan("ledger", "staged", [capture.PathPlan(str(data), "staged")])
     with journal.operation("test"), capture.Captures("run") as captures:
         captures.prepare(plan)  # the first copy, "while the app runs"
         status = book.stat()
         book.write_bytes(b"after!" * 1000)
         os.utime(book, ns=(status.st_atime_ns, status.st_mtime_ns))
+        (data / "old").rename(data / "new")
+        shutil.rmtree(data / "doomed")
+        (data / "fresh").write_text("made during the first copy\n")
+        (data / "private").chmod(0o600)
         captures.capture(plan)  # the last pass, "quiesced"
         (copy, original) = captures.binds[0]
         assert original == str(data)
         assert (Path(copy) / "book").read_bytes() == b"after!" * 1000
         assert (Path(copy) / "book").stat().st_mtime_ns == status.st_mtime_ns
-        assert (Path(copy) / "other").read_bytes() == b"untouched"
+        assert tree_of(Path(copy)) == tree_of(data)
     assert not Path(copy).exists()  # removed with the captures
+
+
+def tree_of(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path below ``root`` with its mode and (files) contents."""
+    found = {}
+    for path in root.rglob("*"):
+        content = path.read_bytes() if path.is_file() else b""
+        found[str(path.relative_to(root))] = (path.lstat().st_mode, content)
+    return found
 
 
 def test_a_capture_that_fails_fails_its_app_only_and_resumes_it(

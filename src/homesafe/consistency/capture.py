@@ -45,10 +45,10 @@ while changing a file (see :class:`ReadView`). Snapshots keep inodes and change 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +90,7 @@ CHANGE_TIME_MARGIN_NS = 1_000_000_000
 STAGING_RESERVE_BYTES = 64 * 1024 * 1024
 STAGING_RESERVE_FRACTION = 0.02
 COPY_TIMEOUT = 6 * 3600.0
-RSYNC_OPTIONS = ("-aHAX", "--numeric-ids", "--delete")
+RSYNC_OPTIONS = ("-aHAX", "--numeric-ids")
 
 
 class CaptureError(HomesafeError):
@@ -224,10 +224,22 @@ def _stop_for_the_run(plan: AppCapturePlan, reason: str) -> None:
 # -- the captures of one backup -------------------------------------------------------
 
 
-def _rsync_argv(source: str, destination: Path) -> list[str]:
+def _rsync_argv(
+    source: str, destination: Path, *, listed: bool = False, again: bool = False
+) -> list[str]:
+    """rsync of ``source`` onto ``destination``; ``listed``: only the entries named on
+    stdin (NUL-separated, relative to ``source``), each copied whatever its size and
+    time say, and deleted from ``destination`` when ``source`` has it no more."""
     # A trailing slash copies a directory's contents into ``destination`` itself.
     origin = source.rstrip("/") + "/" if os.path.isdir(source) else source
-    return ["rsync", *RSYNC_OPTIONS, "--", origin, os.fspath(destination)]
+    argv = ["rsync", *RSYNC_OPTIONS]
+    if listed:
+        argv += ["--files-from=-", "--from0", "--delete-missing-args", "--force"]
+    else:
+        argv.append("--delete")
+    if listed or again:
+        argv.append("--ignore-times")
+    return [*argv, "--", origin, os.fspath(destination)]
 
 
 def _tree_bytes(path: str | Path) -> int:
@@ -440,9 +452,17 @@ class Captures:
         os.chown(copy, status.st_uid, status.st_gid)
         shutil.copystat(path, copy)
 
-    def _copy(self, path: str, copy: Path) -> None:
+    def _copy(
+        self, path: str, copy: Path, changed: list[str] | None = None, again: bool = False
+    ) -> None:
+        """rsync ``path`` to ``copy``: all of it, or only the ``changed`` entries (see
+        :func:`changed_since`); ``again``: whatever rsync's size-and-time check says."""
         try:
-            execute.run(_rsync_argv(path, copy), timeout=COPY_TIMEOUT)
+            execute.run(
+                _rsync_argv(path, copy, listed=changed is not None, again=again),
+                input_data=b"".join(name.encode() + b"\0" for name in changed or ()),
+                timeout=COPY_TIMEOUT,
+            )
         except CommandError as error:
             if "No space left" in error.stderr_tail:
                 raise CaptureError(
@@ -452,11 +472,18 @@ class Captures:
             raise
 
     def _finish_staged_copy(self, app_id: str, path: str) -> None:
+        """The last pass, quiesced: only what changed since the first pass began is
+        copied (or deleted); none of it when nothing did."""
         copy = self._staged_copy(app_id, path)
         started = self._staging_started.get(path)
-        if started is not None:  # else made by a backup_pre hook (a dump): copied now
-            _mark_changed_since(path, copy, started - CHANGE_TIME_MARGIN_NS)
-        self._copy(path, copy)
+        if started is None:  # made by a backup_pre hook (a dump, say): copied whole now
+            self._copy(path, copy)
+        elif os.path.isdir(path) and not os.path.islink(path):
+            changed = changed_since(path, copy, started - CHANGE_TIME_MARGIN_NS)
+            if changed:
+                self._copy(path, copy, changed)
+        elif os.lstat(path).st_ctime_ns >= started - CHANGE_TIME_MARGIN_NS:
+            self._copy(path, copy, changed=None, again=True)
         self.binds.append((os.fspath(copy), path))
 
     # -- afterwards ----------------------------------------------------------------
@@ -488,28 +515,50 @@ class Captures:
             )
 
 
-def _mark_changed_since(path: str, copy: Path, since_ns: int) -> None:
-    """Make rsync copy again every file of ``path`` changed since ``since_ns``: its
-    copy's modification time is set to 0, so rsync's size-and-time check cannot take
-    it for unchanged (a program may set a file's times back; its change time is set
-    by the kernel)."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        candidates: Iterator[tuple[str, str]] = iter([(path, "")])
-    else:
-        candidates = _walk_files(path)
-    for source, relative in candidates:
-        try:
-            if os.lstat(source).st_ctime_ns < since_ns:
-                continue
-            target = copy / relative if relative else copy
-            os.utime(target, ns=(0, 0), follow_symlinks=False)
-        except OSError as error:
-            if error.errno != errno.ENOENT:
-                raise
+def changed_since(path: str, copy: Path, since_ns: int) -> list[str]:
+    """What of the tree ``path`` differs from its staged ``copy`` by a change made at
+    or after ``since_ns`` (wall clock): paths relative to ``path`` ("." for itself) of
+    every entry whose change time is that late, of every entry below a directory the
+    copy does not have (new, or renamed: a renamed tree keeps its entries' times), and
+    of every entry the copy has that ``path`` no longer has (to delete).
 
+    The change time is set by the kernel on every write, rename, link and metadata
+    change; a program can set the modification time back, not the change time. Only
+    directories that changed are listed against their copy, so the cost is one
+    ``lstat`` per entry plus the changed directories.
+    """
+    changed: list[str] = []
 
-def _walk_files(root: str) -> Iterator[tuple[str, str]]:
-    for found, _, files in os.walk(root):
-        for name in files:
-            source = os.path.join(found, name)
-            yield source, os.path.relpath(source, root)
+    def visit(source: str, relative: str, everything: bool) -> None:
+        status = os.lstat(source)
+        late = everything or status.st_ctime_ns >= since_ns
+        if late:
+            changed.append(relative)
+        if not stat.S_ISDIR(status.st_mode):
+            return
+        names = os.listdir(source)
+        if late:
+            target = copy / relative
+            try:
+                copied = os.listdir(target)
+            except FileNotFoundError:
+                everything = True  # new or renamed: all of it
+            else:
+                present = set(names)
+                changed.extend(
+                    os.path.normpath(os.path.join(relative, name))
+                    for name in copied
+                    if name not in present
+                )
+        for name in names:
+            try:
+                visit(
+                    os.path.join(source, name),
+                    os.path.normpath(os.path.join(relative, name)),
+                    everything,
+                )
+            except FileNotFoundError:
+                continue  # gone meanwhile: nothing to copy (quiesced, it stays gone)
+
+    visit(path, ".", False)
+    return changed
