@@ -617,7 +617,7 @@ def _capture_group(
         try:
             captures.prepare(plan)
         except (HomesafeError, OSError) as error:
-            results[app.id].fail("capture", f"staged copy failed: {_message(error)}")
+            results[app.id].fail("capture", f"the first copy failed: {_message(error)}")
     quiesced = _Quiesced(list(group), results, "backup")
     held.append(quiesced)
     quiesced.enter()

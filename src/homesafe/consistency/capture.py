@@ -12,7 +12,8 @@ Per path, the cheapest safe way is chosen:
   pick them.
 * ``clone``: the filesystem makes reflink copies (XFS with reflink=1, and btrfs when a
   clone is asked for): ``cp --reflink=always`` into ``.homesafe-clones/`` at the root of
-  the filesystem. Metadata only, so it grows with the number of files, not their size.
+  the filesystem, while the app runs (metadata only: it grows with the number of files,
+  not their size); quiesced, the clone is brought up to date as a staged copy is.
 * ``staged``: any other filesystem: a copy in :func:`locations.staging_directory` is
   made by ``rsync`` while the app runs (:meth:`Captures.prepare`), then, quiesced,
   brought up to date for what changed since (:meth:`Captures.capture`): the downtime
@@ -287,6 +288,7 @@ class Captures:
         self._staging_started: dict[str, int] = {}  # path -> time_ns of its first copy
         self._staging: Path | None = None  # this run's directory of staged copies
         self._staged: dict[str, Path] = {}  # path -> its staged copy
+        self._cloned: dict[str, tuple[Path, int]] = {}  # path -> (clone, when it began)
         self._stop_reasons: dict[str, str] = {}  # app -> why it cannot be staged
         self._counter = 0
         self._taken_now: dict[Path, Path] = {}  # subvolume -> its snapshot, for one app
@@ -309,8 +311,13 @@ class Captures:
     # -- before the quiesce --------------------------------------------------------
 
     def prepare(self, plan: AppCapturePlan) -> None:
-        """Work that needs no quiesce: the first copy of every staged path (while the
-        app runs); a staging area short of space turns the plan into ``stop``."""
+        """Work that needs no quiesce, done while the app runs: the clone of every clone
+        path and the first copy of every staged path (the quiesced pass then brings
+        them up to date); a staging area short of space turns the plan into ``stop``."""
+        for entry in plan.paths:
+            if entry.method == "clone":
+                started = time.time_ns()
+                self._cloned[entry.path] = (self._make_clone(entry.path), started)
         staged = [entry.path for entry in plan.paths if entry.method == "staged"]
         if not staged:
             return
@@ -424,6 +431,18 @@ class Captures:
         return taken.path
 
     def _clone(self, path: str) -> None:
+        prepared = self._cloned.pop(path, None)
+        if prepared is None:  # made by a backup_pre hook: cloned now
+            copy = self._make_clone(path)
+        else:
+            copy, started = prepared
+            mount_point = snapshots.mount_of(path).mount_point
+            self._bring_up_to_date(path, copy, started, {str(Path(mount_point) / CLONE_DIRECTORY)})
+        self.binds.append((os.fspath(copy), path))
+
+    def _make_clone(self, path: str) -> Path:
+        """A reflink clone of ``path`` in ``.homesafe-clones/`` at the root of its
+        filesystem (the clone must be on the same filesystem)."""
         mount_point = snapshots.mount_of(path).mount_point
         directory = self._clone_directories.get(mount_point)
         if directory is None:
@@ -433,12 +452,12 @@ class Captures:
                 journal.temporary_directory(holder, f"{self.run_name}-")
             )
             self._clone_directories[mount_point] = directory
-        copy = directory / str(len(self.binds))
+        copy = directory / str(len(self._cloned) + len(self.binds))
         if os.path.realpath(path) == os.path.realpath(mount_point):
             self._clone_entries(path, copy)
         else:
             snapshots.reflink_clone(path, copy)
-        self.binds.append((os.fspath(copy), path))
+        return copy
 
     def _clone_entries(self, path: str, copy: Path) -> None:
         """Clone the root of a filesystem entry by entry: the clones' own directory is
@@ -472,19 +491,32 @@ class Captures:
             raise
 
     def _finish_staged_copy(self, app_id: str, path: str) -> None:
-        """The last pass, quiesced: only what changed since the first pass began is
-        copied (or deleted); none of it when nothing did."""
         copy = self._staged_copy(app_id, path)
         started = self._staging_started.get(path)
         if started is None:  # made by a backup_pre hook (a dump, say): copied whole now
             self._copy(path, copy)
-        elif os.path.isdir(path) and not os.path.islink(path):
-            changed = changed_since(path, copy, started - CHANGE_TIME_MARGIN_NS)
+        else:
+            self._bring_up_to_date(path, copy, started)
+        self.binds.append((os.fspath(copy), path))
+
+    def _bring_up_to_date(
+        self, path: str, copy: Path, started: int, skip: frozenset[str] | set[str] = frozenset()
+    ) -> None:
+        """The last pass, quiesced: only what changed since the first pass began (at
+        ``started``) is copied or deleted; nothing at all when nothing did. ``skip``:
+        absolute paths in ``path`` that are not part of it (the clones' directory)."""
+        since = started - CHANGE_TIME_MARGIN_NS
+        if os.path.isdir(path) and not os.path.islink(path):
+            changed = changed_since(path, copy, since, skip)
             if changed:
                 self._copy(path, copy, changed)
-        elif os.lstat(path).st_ctime_ns >= started - CHANGE_TIME_MARGIN_NS:
+            # The top directory itself: rsync given "." copies all it holds.
+            if os.lstat(path).st_ctime_ns >= since:
+                status = os.lstat(path)
+                os.chown(copy, status.st_uid, status.st_gid)
+                shutil.copystat(path, copy)
+        elif os.lstat(path).st_ctime_ns >= since:
             self._copy(path, copy, changed=None, again=True)
-        self.binds.append((os.fspath(copy), path))
 
     # -- afterwards ----------------------------------------------------------------
 
@@ -515,12 +547,15 @@ class Captures:
             )
 
 
-def changed_since(path: str, copy: Path, since_ns: int) -> list[str]:
+def changed_since(
+    path: str, copy: Path, since_ns: int, skip: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
     """What of the tree ``path`` differs from its staged ``copy`` by a change made at
-    or after ``since_ns`` (wall clock): paths relative to ``path`` ("." for itself) of
-    every entry whose change time is that late, of every entry below a directory the
+    or after ``since_ns`` (wall clock): paths relative to ``path`` (not ``path``
+    itself) of every entry whose change time is that late, of every entry below a directory the
     copy does not have (new, or renamed: a renamed tree keeps its entries' times), and
-    of every entry the copy has that ``path`` no longer has (to delete).
+    of every entry the copy has that ``path`` no longer has (to delete). Absolute paths
+    in ``skip`` are left out, with everything below them.
 
     The change time is set by the kernel on every write, rename, link and metadata
     change; a program can set the modification time back, not the change time. Only
@@ -530,9 +565,11 @@ def changed_since(path: str, copy: Path, since_ns: int) -> list[str]:
     changed: list[str] = []
 
     def visit(source: str, relative: str, everything: bool) -> None:
+        if source in skip:
+            return
         status = os.lstat(source)
         late = everything or status.st_ctime_ns >= since_ns
-        if late:
+        if late and relative != ".":  # rsync would copy all of "." (see _bring_up_to_date)
             changed.append(relative)
         if not stat.S_ISDIR(status.st_mode):
             return
