@@ -528,7 +528,9 @@ def backup_apps(
         _ensure_repository(targets[0])
         targets[0].passphrase()
     settings = {app.id: state.read_settings(app.manifest.settings) for app in selected}
-    views = handler is None and capture.views_available()
+    # A handler reads the live paths; else copies can be read where root allows it
+    # (found out only when an app needs it: None).
+    views = False if handler is not None else None
 
     held: list[_Quiesced] = []
     with _staging_directory() as staging, capture.Captures(name) as captures:
@@ -594,7 +596,7 @@ def _capture_group(
     packet: Packet,
     captures: Any,
     strategy: str | None,
-    views: bool,
+    views: bool | None,
     held: list[_Quiesced],
 ) -> None:
     """Hold one dependency group still just long enough to capture it.

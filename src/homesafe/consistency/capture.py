@@ -46,6 +46,7 @@ while changing a file (see :class:`ReadView`). Snapshots keep inodes and change 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -121,10 +122,15 @@ class AppCapturePlan:
         return self.strategy == "stop"
 
 
+@functools.cache
 def views_available() -> bool:
     """Whether copies can be shown at their original paths to the engine: a private
-    mount namespace needs root (CAP_SYS_ADMIN) and ``unshare``."""
-    return locations.running_as_root() and shutil.which("unshare") is not None
+    mount namespace needs root with CAP_SYS_ADMIN (a container may withhold it) and
+    ``unshare``; tried once per process with a namespace that runs ``true``."""
+    if not locations.running_as_root():
+        return False
+    probe = ["unshare", "--mount", "--propagation", "private", "--", "true"]
+    return execute.succeeds(probe, timeout=30)
 
 
 def _has_nothing_to_hold_still(manifest: Manifest) -> bool:
@@ -179,11 +185,11 @@ def plan_app(
     :func:`views_available`). Looks at filesystems only; changes nothing.
     """
     wanted = requested or manifest.consistency
-    views = views_available() if views is None else views
     plan = AppCapturePlan(app_id, "live")
     if wanted == "live" or (wanted == "auto" and _has_nothing_to_hold_still(manifest)):
         plan.paths = [PathPlan(path, "live") for path in paths]
         return plan
+    views = views_available() if views is None else views
     if not views:
         plan.strategy = "stop"
         plan.paths = [PathPlan(path, "stop") for path in paths]
