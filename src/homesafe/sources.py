@@ -12,9 +12,11 @@ refuses the whole file (see :func:`check_members`).
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import stat
 import tarfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Protocol
 from homesafe import archives, execute, journal, locations
 from homesafe.engines import engine_for
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
-from homesafe.errors import HomesafeError
+from homesafe.errors import HomesafeError, RepositoryLockedError
 from homesafe.manifest import is_inside
 from homesafe.repositories import Repository
 
@@ -68,6 +70,11 @@ def _description_or_error(directory: Path, label: str) -> archives.ArchiveDescri
     return description
 
 
+# How long each of two engine calls made side by side waits for the repository lock
+# before it gives up, to be made again alone (see EngineSource.describe_and_list).
+SIDE_BY_SIDE_LOCK_WAIT = 1.0
+
+
 class EngineSource:
     """An archive in a repository, read through its engine."""
 
@@ -91,6 +98,49 @@ class EngineSource:
 
     def listing(self) -> list[ArchiveEntry]:
         return self.engine.list_contents(self.repository, self.archive_name)
+
+    def describe_and_list(self) -> tuple[archives.ArchiveDescription, list[ArchiveEntry]]:
+        """:meth:`describe` and :meth:`listing`, read by two engine calls side by side.
+
+        Two borg processes opening a repository at the same instant contend for the
+        mutex of its lock roster, and the loser sleeps a tenth of its lock wait before
+        trying again: 6 s with the default 60 s, far more than the calls take. So both
+        calls wait SIDE_BY_SIDE_LOCK_WAIT seconds at most (a 0.1 s poll); one that still
+        finds the repository locked (a writer holds it) is made again afterwards, alone,
+        with the repository's own lock wait, so no caller ever waits less than it did.
+        """
+        hasty = EngineSource(
+            dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
+            self.archive_name,
+        )
+        listing: list[ArchiveEntry] | None = None
+        listing_error: BaseException | None = None
+
+        def read_listing() -> None:
+            nonlocal listing, listing_error
+            try:
+                listing = hasty.listing()
+            except RepositoryLockedError:
+                pass  # made again below, with the full lock wait
+            except BaseException as error:  # re-raised in the caller's thread
+                listing_error = error
+
+        reader = threading.Thread(target=read_listing, name="archive-listing", daemon=True)
+        reader.start()
+        try:
+            description = hasty.describe()
+        except RepositoryLockedError:
+            description = None
+        finally:
+            # Never leave the listing's engine call behind, whatever the description did.
+            reader.join()
+        if listing_error is not None:
+            raise listing_error
+        if description is None:
+            description = self.describe()
+        if listing is None:
+            listing = self.listing()
+        return description, listing
 
     def extract(
         self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
