@@ -27,6 +27,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,19 +245,21 @@ def verify(app_plan: AppPlan) -> None:
         if not path_plan.in_archive:
             continue
         assert path_plan.area.root is not None
+        # One lstat per entry, on plain strings: an app may have many thousands of them.
+        staged_root = os.path.join(path_plan.area.root, "new")
         for entry in app_plan.entries:
             if not is_inside(entry.path, path_plan.archive_path):
                 continue
-            staged = path_plan.area.root / "new" / entry.path
-            if not os.path.lexists(staged):
+            try:
+                status = os.lstat(os.path.join(staged_root, entry.path))
+            except OSError:
                 problems.append(f"/{entry.path} is missing")
-            elif entry.type == "-" and staged.lstat().st_size != entry.size:
-                problems.append(
-                    f"/{entry.path} has {staged.lstat().st_size} bytes, not {entry.size}"
-                )
-            elif entry.type == "d" and not staged.is_dir():
+                continue
+            if entry.type == "-" and status.st_size != entry.size:
+                problems.append(f"/{entry.path} has {status.st_size} bytes, not {entry.size}")
+            elif entry.type == "d" and not stat.S_ISDIR(status.st_mode):
                 problems.append(f"/{entry.path} is not a directory")
-            elif entry.type == "l" and not staged.is_symlink():
+            elif entry.type == "l" and not stat.S_ISLNK(status.st_mode):
                 problems.append(f"/{entry.path} is not a symbolic link")
     if problems:
         shown = "; ".join(problems[:10])
