@@ -5,6 +5,7 @@ wait the repository's whole lock wait for a writer that holds the lock."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +95,53 @@ def test_restore_waits_the_whole_lock_wait_for_a_writer(
     assert result.status == "ok", describe(result)
     assert time.monotonic() - started >= hold_seconds - 0.5
     assert snapshot_tree(base) == before
+
+
+def test_listing_holds_what_borg_lists_as_json(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """The NUL-separated listing homesafe asks for says what --json-lines says, odd
+    names, links, hard links and special files included."""
+    base = write_app(write_manifest, homesafe_env / "srv", "odd")
+    data = base / "data"
+    (data / "tab\there").write_text("tab\n")
+    (data / "new\nline").write_text("newline\n")
+    (data / "ünïcödé €").write_text("unicode\n")
+    (data / "link").symlink_to("sub/b.bin")
+    (data / "dangling").symlink_to("/nowhere/at all")
+    os.link(data / "a.txt", data / "hard")
+    os.mkfifo(data / "fifo")
+    (data / "empty").mkdir()
+    backup = api.backup_apps()
+    assert backup.status == "ok", describe(backup)
+    repository = default_repository()
+    passphrase = repository.passphrase() or ""
+    completed = subprocess.run(
+        ["borg", "list", "--json-lines", f"{repository.location}::{backup.archive}"],
+        env={
+            **os.environ,
+            "BORG_PASSPHRASE": passphrase,
+            "BORG_BASE_DIR": str(homesafe_env / "home/borg"),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    expected = [
+        (
+            item["path"],
+            item["type"],
+            item["mode"],
+            item["size"],
+            item["user"],
+            item["group"],
+            item["linktarget"],
+        )
+        for item in map(json.loads, completed.stdout.splitlines())
+    ]
+
+    listing = EngineSource(repository, backup.archive).listing()
+
+    found = [(e.path, e.type, e.mode, e.size, e.user, e.group, e.link_target) for e in listing]
+    assert found == expected
+    assert {"-", "d", "l", "p"} <= {entry.type for entry in listing}
