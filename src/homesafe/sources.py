@@ -26,7 +26,7 @@ from homesafe import archives, execute, journal, locations
 from homesafe.engines import engine_for
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
 from homesafe.errors import HomesafeError, RepositoryLockedError
-from homesafe.manifest import is_inside
+from homesafe.manifest import Manifest, is_inside
 from homesafe.repositories import Repository
 
 
@@ -41,7 +41,10 @@ class NotAnArchiveError(HomesafeError):
 class ArchiveSource(Protocol):
     label: str
 
-    def describe(self) -> archives.ArchiveDescription: ...
+    def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
+        """What the archive says about itself; ``known`` as for
+        :func:`archives.describe_extracted`."""
+        ...
 
     def listing(self) -> list[ArchiveEntry]: ...
 
@@ -60,8 +63,10 @@ def scratch_directory(prefix: str) -> Iterator[Path]:
         yield directory
 
 
-def _description_or_error(directory: Path, label: str) -> archives.ArchiveDescription:
-    description = archives.describe_extracted(directory, label)
+def _description_or_error(
+    directory: Path, label: str, known: Sequence[Manifest]
+) -> archives.ArchiveDescription:
+    description = archives.describe_extracted(directory, label, known)
     if description is None:
         raise NotAnArchiveError(
             f"{label} was written neither by homesafe nor by the reference distribution: "
@@ -84,12 +89,12 @@ class EngineSource:
         self.engine = engine_for(repository.engine)
         self.label = f"archive {archive_name!r}"
 
-    def describe(self) -> archives.ArchiveDescription:
+    def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
         with scratch_directory("describe-") as directory:
             self.engine.extract(
                 self.repository, self.archive_name, archives.DESCRIPTION_MEMBERS, directory
             )
-            description = _description_or_error(directory, self.label)
+            description = _description_or_error(directory, self.label, known)
             settings_files = archives.reference_settings_members(description)
             if settings_files:
                 self.engine.extract(self.repository, self.archive_name, settings_files, directory)
@@ -99,7 +104,9 @@ class EngineSource:
     def listing(self) -> list[ArchiveEntry]:
         return self.engine.list_contents(self.repository, self.archive_name)
 
-    def describe_and_list(self) -> tuple[archives.ArchiveDescription, list[ArchiveEntry]]:
+    def describe_and_list(
+        self, known: Sequence[Manifest] = ()
+    ) -> tuple[archives.ArchiveDescription, list[ArchiveEntry]]:
         """:meth:`describe` and :meth:`listing`, read by two engine calls side by side.
 
         Two borg processes opening a repository at the same instant contend for the
@@ -128,7 +135,7 @@ class EngineSource:
         reader = threading.Thread(target=read_listing, name="archive-listing", daemon=True)
         reader.start()
         try:
-            description = hasty.describe()
+            description = hasty.describe(known)
         except RepositoryLockedError:
             description = None
         finally:
@@ -137,7 +144,7 @@ class EngineSource:
         if listing_error is not None:
             raise listing_error
         if description is None:
-            description = self.describe()
+            description = self.describe(known)
         if listing is None:
             listing = self.listing()
         return description, listing
@@ -240,7 +247,7 @@ class TarSource:
             raise HomesafeError(f"{file} is not a readable tar file: {error}") from None
         self.by_path = {member_path(member): member for member in self.members}
 
-    def describe(self) -> archives.ArchiveDescription:
+    def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
         roots = (*archives.DESCRIPTION_MEMBERS, archives.REFERENCE_DATA)
         wanted = [
             member
@@ -264,7 +271,7 @@ class TarSource:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with source, open(target, "wb") as output:
                     output.write(source.read())
-            description = _description_or_error(directory, self.label)
+            description = _description_or_error(directory, self.label, known)
             archives.load_reference_settings(description, directory)
             return description
 

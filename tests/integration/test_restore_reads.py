@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +146,35 @@ def test_listing_holds_what_borg_lists_as_json(
     found = [(e.path, e.type, e.mode, e.size, e.user, e.group, e.link_target) for e in listing]
     assert found == expected
     assert {"-", "d", "l", "p"} <= {entry.type for entry in listing}
+
+
+def test_restore_of_unchanged_apps_does_not_validate_their_manifests_again(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """The archive's manifests equal the installed ones (validated at backup time): a
+    restore takes those and never imports pydantic; one that differs is validated."""
+    base = write_app(write_manifest, homesafe_env / "srv", "same")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    (base / "data/a.txt").write_text("changed after the backup\n")
+    script = (
+        "import sys\n"
+        "from homesafe import api\n"
+        "result = api.restore_apps(sys.argv[1])\n"
+        "print(result.status, 'pydantic' in sys.modules)\n"
+    )
+
+    def restore_in_a_new_process() -> str:
+        return subprocess.run(
+            [sys.executable, "-c", script, backup.archive],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    assert restore_in_a_new_process() == "ok False"
+    assert snapshot_tree(base) == before
+
+    write_app(write_manifest, homesafe_env / "srv", "same", version=2)  # installed: newer
+    assert restore_in_a_new_process() == "ok True"
+    assert snapshot_tree(base) == before
