@@ -204,14 +204,20 @@ class ArchiveDescription:
     metadata: dict[str, Any]
 
 
-def describe_extracted(directory: Path, source: str) -> ArchiveDescription | None:
+def describe_extracted(
+    directory: Path, source: str, known: Sequence[Manifest] = ()
+) -> ArchiveDescription | None:
     """Read the description extracted below ``directory`` (DESCRIPTION_MEMBERS), or None
-    when the archive is neither homesafe's nor the reference distribution's."""
+    when the archive is neither homesafe's nor the reference distribution's.
+
+    ``known``: manifests validated before (the installed apps'). A stored manifest equal
+    to one of them, field for field, is that manifest: it is not validated again.
+    """
     metadata = read_metadata(directory)
     if metadata is not None:
         apps = {}
         for entry in metadata.get("apps", []):
-            manifest = parse_manifest(entry["manifest"], f"{source}: app {entry.get('id')}")
+            manifest = stored_manifest(entry["manifest"], f"{source}: app {entry.get('id')}", known)
             apps[manifest.id] = StoredApp(
                 manifest,
                 paths=entry.get("paths"),
@@ -236,6 +242,15 @@ def describe_extracted(directory: Path, source: str) -> ArchiveDescription | Non
         app = reference_app(entry, source)
         apps[app.manifest.id] = app
     return ArchiveDescription("reference", apps, {"format": "reference", "apps": entries})
+
+
+def stored_manifest(data: Any, source: str, known: Sequence[Manifest] = ()) -> Manifest:
+    """A manifest stored in an archive: one of ``known`` when it is equal to it, else
+    validated (which imports pydantic: some 0.15 s of a restore's critical path)."""
+    for manifest in known:
+        if isinstance(data, dict) and data.get("id") == manifest.id and data == manifest.to_dict():
+            return manifest
+    return parse_manifest(data, source)
 
 
 def reference_app(entry: Any, source: str) -> StoredApp:

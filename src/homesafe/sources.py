@@ -12,9 +12,11 @@ refuses the whole file (see :func:`check_members`).
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import stat
 import tarfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +25,8 @@ from typing import Protocol
 from homesafe import archives, execute, journal, locations
 from homesafe.engines import engine_for
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
-from homesafe.errors import HomesafeError
-from homesafe.manifest import is_inside
+from homesafe.errors import HomesafeError, RepositoryLockedError
+from homesafe.manifest import Manifest, is_inside
 from homesafe.repositories import Repository
 
 
@@ -39,7 +41,10 @@ class NotAnArchiveError(HomesafeError):
 class ArchiveSource(Protocol):
     label: str
 
-    def describe(self) -> archives.ArchiveDescription: ...
+    def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
+        """What the archive says about itself; ``known`` as for
+        :func:`archives.describe_extracted`."""
+        ...
 
     def listing(self) -> list[ArchiveEntry]: ...
 
@@ -58,14 +63,21 @@ def scratch_directory(prefix: str) -> Iterator[Path]:
         yield directory
 
 
-def _description_or_error(directory: Path, label: str) -> archives.ArchiveDescription:
-    description = archives.describe_extracted(directory, label)
+def _description_or_error(
+    directory: Path, label: str, known: Sequence[Manifest]
+) -> archives.ArchiveDescription:
+    description = archives.describe_extracted(directory, label, known)
     if description is None:
         raise NotAnArchiveError(
             f"{label} was written neither by homesafe nor by the reference distribution: "
             f"it has no {archives.METADATA_FILE} and no {archives.REFERENCE_MANIFESTS}/"
         )
     return description
+
+
+# How long each of two engine calls made side by side waits for the repository lock
+# before it gives up, to be made again alone (see EngineSource.describe_and_list).
+SIDE_BY_SIDE_LOCK_WAIT = 1.0
 
 
 class EngineSource:
@@ -77,12 +89,12 @@ class EngineSource:
         self.engine = engine_for(repository.engine)
         self.label = f"archive {archive_name!r}"
 
-    def describe(self) -> archives.ArchiveDescription:
+    def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
         with scratch_directory("describe-") as directory:
             self.engine.extract(
                 self.repository, self.archive_name, archives.DESCRIPTION_MEMBERS, directory
             )
-            description = _description_or_error(directory, self.label)
+            description = _description_or_error(directory, self.label, known)
             settings_files = archives.reference_settings_members(description)
             if settings_files:
                 self.engine.extract(self.repository, self.archive_name, settings_files, directory)
@@ -91,6 +103,51 @@ class EngineSource:
 
     def listing(self) -> list[ArchiveEntry]:
         return self.engine.list_contents(self.repository, self.archive_name)
+
+    def describe_and_list(
+        self, known: Sequence[Manifest] = ()
+    ) -> tuple[archives.ArchiveDescription, list[ArchiveEntry]]:
+        """:meth:`describe` and :meth:`listing`, read by two engine calls side by side.
+
+        Two borg processes opening a repository at the same instant contend for the
+        mutex of its lock roster, and the loser sleeps a tenth of its lock wait before
+        trying again: 6 s with the default 60 s, far more than the calls take. So both
+        calls wait SIDE_BY_SIDE_LOCK_WAIT seconds at most (a 0.1 s poll); one that still
+        finds the repository locked (a writer holds it) is made again afterwards, alone,
+        with the repository's own lock wait, so no caller ever waits less than it did.
+        """
+        hasty = EngineSource(
+            dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
+            self.archive_name,
+        )
+        listing: list[ArchiveEntry] | None = None
+        listing_error: BaseException | None = None
+
+        def read_listing() -> None:
+            nonlocal listing, listing_error
+            try:
+                listing = hasty.listing()
+            except RepositoryLockedError:
+                pass  # made again below, with the full lock wait
+            except BaseException as error:  # re-raised in the caller's thread
+                listing_error = error
+
+        reader = threading.Thread(target=read_listing, name="archive-listing", daemon=True)
+        reader.start()
+        try:
+            description = hasty.describe(known)
+        except RepositoryLockedError:
+            description = None
+        finally:
+            # Never leave the listing's engine call behind, whatever the description did.
+            reader.join()
+        if listing_error is not None:
+            raise listing_error
+        if description is None:
+            description = self.describe(known)
+        if listing is None:
+            listing = self.listing()
+        return description, listing
 
     def extract(
         self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
@@ -190,7 +247,7 @@ class TarSource:
             raise HomesafeError(f"{file} is not a readable tar file: {error}") from None
         self.by_path = {member_path(member): member for member in self.members}
 
-    def describe(self) -> archives.ArchiveDescription:
+    def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
         roots = (*archives.DESCRIPTION_MEMBERS, archives.REFERENCE_DATA)
         wanted = [
             member
@@ -214,7 +271,7 @@ class TarSource:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with source, open(target, "wb") as output:
                     output.write(source.read())
-            description = _description_or_error(directory, self.label)
+            description = _description_or_error(directory, self.label, known)
             archives.load_reference_settings(description, directory)
             return description
 

@@ -147,6 +147,33 @@ def test_verification_failure_leaves_the_app_untouched(
     assert snapshot_tree(base) == before
 
 
+def test_a_staged_directory_turned_into_a_link_fails_verification(
+    homesafe_env: Path, write_manifest: ManifestWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = write_app(write_manifest, homesafe_env / "srv", "linked")
+    backup = api.backup_apps()
+    change_everything(base)
+    before = snapshot_tree(base)
+    # The staged directory data/sub becomes a link to a directory with the same files:
+    # everything below it is found through the link, but it is not what was archived.
+    borg_wrapper(
+        homesafe_env / "bin",
+        data_extraction(
+            '"$REAL_BORG" "$@" || exit $?\n'
+            'sub=$(find . -type d -name sub)\nmv "$sub" "$sub.moved"\nln -s sub.moved "$sub"\n'
+            "exit 0"
+        ),
+    )
+    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    result = api.restore_apps(backup.archive)
+
+    assert result.status == "failed"
+    assert errors_of(result, "linked") == [("verify", None)]
+    assert "data/sub is not a directory" in result.app("linked").errors[0].message
+    assert snapshot_tree(base) == before
+
+
 @requires_root()
 @pytest.mark.skipif(shutil.which("chattr") is None, reason="chattr (e2fsprogs) is missing")
 def test_swap_failure_rolls_back_what_was_already_swapped(

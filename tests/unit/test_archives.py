@@ -16,7 +16,8 @@ from homesafe.archives import (
     default_name,
     parse_comment,
 )
-from homesafe.errors import UsageError
+from homesafe.errors import ManifestError, UsageError
+from homesafe.manifest import Manifest, parse_manifest
 
 UTC = datetime.UTC
 MOMENT = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -187,3 +188,32 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     assert archives.read_settings(tmp_path, "notes") == {"notes.theme": "dark"}
     assert archives.read_settings(tmp_path, "wiki") is None
     assert archives.read_metadata(tmp_path / "elsewhere") is None
+
+
+# -- manifests stored in archives -------------------------------------------------------
+
+
+def known_manifest() -> Manifest:
+    return parse_manifest(
+        {"id": "notes", "version": 2, "data": {"directories": ["/var/lib/notes"]}}, "test"
+    )
+
+
+def test_a_stored_manifest_equal_to_a_known_one_is_that_one() -> None:
+    known = known_manifest()
+    stored = json.loads(json.dumps(known.to_dict()))  # as archive.json holds it
+
+    assert archives.stored_manifest(stored, "archive", [known]) is known
+
+
+def test_a_stored_manifest_that_differs_is_validated() -> None:
+    known = known_manifest()
+    newer = {**known.to_dict(), "version": 3}
+    broken = {**known.to_dict(), "data": {"directories": ["relative/path"], "files": []}}
+
+    parsed = archives.stored_manifest(newer, "archive", [known])
+
+    assert parsed is not known
+    assert parsed.version == 3
+    with pytest.raises(ManifestError, match=r"data\.directories"):
+        archives.stored_manifest(broken, "archive", [known])

@@ -154,10 +154,35 @@ def test_extract_argv(repository: Repository) -> None:
     ]
 
 
-def test_list_contents_argv_uses_json_lines(repository: Repository) -> None:
+def test_list_contents_argv_asks_for_nul_separated_fields(repository: Repository) -> None:
     argv = borg.list_contents_argv(repository, ARCHIVE, [])
-    assert "--json-lines" in argv
+    assert argv[argv.index("--format") + 1] == (
+        "{type}{NUL}{mode}{NUL}{size}{NUL}{user}{NUL}{group}{NUL}{linktarget}{NUL}{path}{NUL}"
+    )
     assert argv[-1] == f"{repository.location}::{ARCHIVE}"
+
+
+def test_parse_contents_reads_every_field_of_every_entry() -> None:
+    output = (
+        "d\0drwxr-xr-x\x000\0root\0root\0\0var/lib/notes\0"
+        "-\0-rw-r-----\x0012\0notes\0adm\0\0var/lib/notes/a file\twith\nodd names\0"
+        "l\0lrwxrwxrwx\x000\0root\0root\0../target\0var/lib/notes/link\0"
+    )
+
+    entries = borg.parse_contents(output)
+
+    assert [(e.type, e.path, e.size, e.user, e.group, e.link_target) for e in entries] == [
+        ("d", "var/lib/notes", 0, "root", "root", ""),
+        ("-", "var/lib/notes/a file\twith\nodd names", 12, "notes", "adm", ""),
+        ("l", "var/lib/notes/link", 0, "root", "root", "../target"),
+    ]
+    assert entries[1].mode == "-rw-r-----"
+    assert borg.parse_contents("") == []
+
+
+def test_parse_contents_refuses_a_truncated_listing() -> None:
+    with pytest.raises(EngineError, match="cannot read"):
+        borg.parse_contents("d\0drwxr-xr-x\x000\0root\0")
 
 
 def test_export_tar_argv_puts_the_file_after_the_archive(repository: Repository) -> None:

@@ -196,6 +196,13 @@ def list_archives_argv(repository: Repository) -> list[str]:
     return [BORG, "list", "--log-json", "--json", "--format", "{comment}", repository.location]
 
 
+# What a listing of an archive's contents asks borg for: these fields only, each ended by
+# a NUL (the one character no path or link target holds). borg formats and homesafe
+# parses them in a good deal less time than every field of --json-lines.
+LIST_CONTENTS_FIELDS = ("type", "mode", "size", "user", "group", "linktarget", "path")
+LIST_CONTENTS_FORMAT = "".join(f"{{{name}}}{{NUL}}" for name in LIST_CONTENTS_FIELDS)
+
+
 def list_contents_argv(
     repository: Repository, archive_name: str, paths: Sequence[str]
 ) -> list[str]:
@@ -203,11 +210,36 @@ def list_contents_argv(
         BORG,
         "list",
         "--log-json",
-        "--json-lines",
+        "--format",
+        LIST_CONTENTS_FORMAT,
         "--",
         archive_argument(repository, archive_name),
         *paths,
     ]
+
+
+def parse_contents(output: str) -> list[ArchiveEntry]:
+    """The entries of a listing made by :func:`list_contents_argv`."""
+    fields = output.split("\0")
+    width = len(LIST_CONTENTS_FIELDS)
+    # Every field ends with a NUL: what follows the last one is empty.
+    if len(fields) % width != 1 or fields[-1]:
+        raise EngineError(f"borg list printed a listing homesafe cannot read: {output[:200]!r}")
+    entries = []
+    for start in range(0, len(fields) - 1, width):
+        kind, mode, size, user, group, link_target, path = fields[start : start + width]
+        entries.append(
+            ArchiveEntry(
+                path=path,
+                type=kind,
+                mode=mode,
+                size=int(size or 0),
+                user=user,
+                group=group,
+                link_target=link_target,
+            )
+        )
+    return entries
 
 
 def extract_argv(
@@ -649,23 +681,7 @@ class BorgEngine:
         completed = run_borg(
             repository, list_contents_argv(repository, archive_name, paths), accept_warnings=True
         )
-        entries = []
-        for line in completed.stdout.splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            entries.append(
-                ArchiveEntry(
-                    path=item["path"],
-                    type=item["type"],
-                    mode=item["mode"],
-                    size=int(item.get("size", 0)),
-                    user=item.get("user", ""),
-                    group=item.get("group", ""),
-                    link_target=item.get("linktarget", ""),
-                )
-            )
-        return entries
+        return parse_contents(completed.stdout)
 
     def extract(
         self,

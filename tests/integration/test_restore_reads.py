@@ -1,0 +1,180 @@
+"""What a restore reads before it extracts, with real borg: the archive's description and
+listing are read side by side, never stall on the repository's lock roster, and still
+wait the repository's whole lock wait for a writer that holds the lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from homesafe import api, sources
+from homesafe.repositories import default_repository
+from homesafe.sources import EngineSource
+from tests.conftest import ManifestWriter, requires_program
+from tests.integration.test_repo_locks import borg_lock_holder
+from tests.integration.test_restore_staged import write_app
+from tests.integration.test_roundtrip import snapshot_tree
+from tests.support.apps import describe
+
+pytestmark = requires_program("borg")
+
+
+@pytest.fixture
+def lock_holders() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The lock holders a test starts; each is ended and reaped at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def test_side_by_side_reads_match_the_reads_one_after_the_other(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    write_app(write_manifest, homesafe_env / "srv", "first")
+    write_app(write_manifest, homesafe_env / "srv", "second")
+    backup = api.backup_apps()
+    source = EngineSource(default_repository(), backup.archive)
+
+    description, listing = source.describe_and_list()
+
+    assert description == source.describe()
+    assert listing == source.listing()
+    assert sorted(description.apps) == ["first", "second"]
+
+
+def test_side_by_side_reads_never_sleep_a_lock_poll(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """With the default 60 s lock wait, a borg process that meets the other on the lock
+    roster sleeps 6 s; read side by side, no read may take that long."""
+    write_app(write_manifest, homesafe_env / "srv", "quick")
+    backup = api.backup_apps()
+    repository = default_repository()
+    assert repository.lock_wait >= 60
+    source = EngineSource(repository, backup.archive)
+
+    durations = []
+    for _ in range(5):
+        started = time.monotonic()
+        source.describe_and_list()
+        durations.append(time.monotonic() - started)
+
+    assert max(durations) < repository.lock_wait / 10, durations
+
+
+def test_restore_waits_the_whole_lock_wait_for_a_writer(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    lock_holders: list[subprocess.Popen[bytes]],
+) -> None:
+    """A writer holding the lock longer than the side-by-side reads wait: they give up,
+    are made again one after the other with the repository's lock wait, and the restore
+    goes through once the writer is done."""
+    base = write_app(write_manifest, homesafe_env / "srv", "patient")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    (base / "data/a.txt").write_text("changed after the backup\n")
+    repository = dataclasses.replace(default_repository(), lock_wait=30)
+    hold_seconds = 3 * sources.SIDE_BY_SIDE_LOCK_WAIT
+    borg_lock_holder(repository, homesafe_env / "home", hold_seconds, lock_holders)
+
+    started = time.monotonic()
+    result = api.restore_apps(backup.archive, repository=repository)
+
+    assert result.status == "ok", describe(result)
+    assert time.monotonic() - started >= hold_seconds - 0.5
+    assert snapshot_tree(base) == before
+
+
+def test_listing_holds_what_borg_lists_as_json(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """The NUL-separated listing homesafe asks for says what --json-lines says, odd
+    names, links, hard links and special files included."""
+    base = write_app(write_manifest, homesafe_env / "srv", "odd")
+    data = base / "data"
+    (data / "tab\there").write_text("tab\n")
+    (data / "new\nline").write_text("newline\n")
+    (data / "ünïcödé €").write_text("unicode\n")
+    (data / "link").symlink_to("sub/b.bin")
+    (data / "dangling").symlink_to("/nowhere/at all")
+    os.link(data / "a.txt", data / "hard")
+    os.mkfifo(data / "fifo")
+    (data / "empty").mkdir()
+    backup = api.backup_apps()
+    assert backup.status == "ok", describe(backup)
+    repository = default_repository()
+    passphrase = repository.passphrase() or ""
+    completed = subprocess.run(
+        ["borg", "list", "--json-lines", f"{repository.location}::{backup.archive}"],
+        env={
+            **os.environ,
+            "BORG_PASSPHRASE": passphrase,
+            "BORG_BASE_DIR": str(homesafe_env / "home/borg"),
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    expected = [
+        (
+            item["path"],
+            item["type"],
+            item["mode"],
+            item["size"],
+            item["user"],
+            item["group"],
+            item["linktarget"],
+        )
+        for item in map(json.loads, completed.stdout.splitlines())
+    ]
+
+    listing = EngineSource(repository, backup.archive).listing()
+
+    found = [(e.path, e.type, e.mode, e.size, e.user, e.group, e.link_target) for e in listing]
+    assert found == expected
+    assert {"-", "d", "l", "p"} <= {entry.type for entry in listing}
+
+
+def test_restore_of_unchanged_apps_does_not_validate_their_manifests_again(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """The archive's manifests equal the installed ones (validated at backup time): a
+    restore takes those and never imports pydantic; one that differs is validated."""
+    base = write_app(write_manifest, homesafe_env / "srv", "same")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    (base / "data/a.txt").write_text("changed after the backup\n")
+    script = (
+        "import sys\n"
+        "from homesafe import api\n"
+        "result = api.restore_apps(sys.argv[1])\n"
+        "print(result.status, 'pydantic' in sys.modules)\n"
+    )
+
+    def restore_in_a_new_process() -> str:
+        return subprocess.run(
+            [sys.executable, "-c", script, backup.archive],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    assert restore_in_a_new_process() == "ok False"
+    assert snapshot_tree(base) == before
+
+    write_app(write_manifest, homesafe_env / "srv", "same", version=2)  # installed: newer
+    assert restore_in_a_new_process() == "ok True"
+    assert snapshot_tree(base) == before
