@@ -329,3 +329,37 @@ def test_restic_refuses_an_archive_name_given_twice(
     assert "exists already" in again.errors[0].message
     assert [archive.name for archive in api.list_archives(repository)] == ["nightly"]
     assert len(restic_snapshots(repository)) == 1
+
+
+def test_restic_extracts_the_snapshot_it_listed(
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from homesafe import archives
+    from homesafe.engines.restic import NAME_TAG, ResticEngine
+
+    repository = make_repository("restic-local")
+    result = api.backup_apps(repository=repository)
+    assert result.status == "ok"
+    engine = ResticEngine()
+    described = tmp_path / "described"
+    described.mkdir()
+    # The description first (the listing starts alongside), then the listing ...
+    engine.extract(repository, result.archive, archives.DESCRIPTION_MEMBERS, described)
+    listed = {entry.path for entry in engine.list_contents(repository, result.archive)}
+    assert f"{str(two_apps).lstrip('/')}/beta/data/b.txt" in listed
+    # ... then another snapshot bearing the same name, written by something else.
+    (two_apps / "beta/data/b.txt").write_text("written later\n")
+    subprocess.run(
+        ["restic", "-r", repository.location, "backup", "--tag", NAME_TAG + result.archive,
+         str(two_apps / "beta")],
+        capture_output=True,
+        env={**os.environ, "RESTIC_PASSWORD": repository.passphrase() or ""},
+        check=True,
+    )  # fmt: skip
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    engine.extract(repository, result.archive, [str(two_apps / "beta")], extracted)
+    assert (extracted / str(two_apps).lstrip("/") / "beta/data/b.txt").read_text() == "beta\n"
+    assert (described / archives.METADATA_FILE).is_file()
