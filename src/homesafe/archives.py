@@ -29,16 +29,21 @@ METADATA_FORMAT = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+@-]*")
 
 
+# The names default_name and scheduled_name read from the clock in this process.
+_CLOCK_NAMES: set[str] = set()
+
+
 def default_name(now: datetime.datetime | None = None, host: str | None = None) -> str:
     """``<host>-<UTC time to the microsecond>Z``: sortable, and unique per host.
 
     One operation at a time runs per host, so two names can only meet if the clock is
-    set back; the engine then refuses the duplicate instead of overwriting anything.
+    set back onto the very microsecond of an earlier backup; borg then refuses the
+    duplicate instead of overwriting anything (see :func:`from_the_clock` for restic).
     """
-    now = now or datetime.datetime.now(datetime.UTC)
-    host = host or socket.gethostname().split(".")[0] or "host"
-    host = re.sub(r"[^A-Za-z0-9-]", "-", host)
-    return f"{host}-{now.astimezone(datetime.UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
+    name = _timed_name(now, host)
+    if now is None:
+        _CLOCK_NAMES.add(name)
+    return name
 
 
 def scheduled_name(now: datetime.datetime | None = None, host: str | None = None) -> str:
@@ -47,7 +52,25 @@ def scheduled_name(now: datetime.datetime | None = None, host: str | None = None
     Retention does not rely on the name (the comment's ``periods`` say what an archive
     serves): the prefix is for the people reading a listing.
     """
-    return f"scheduled-{default_name(now, host)}"
+    name = f"scheduled-{_timed_name(now, host)}"
+    if now is None:
+        _CLOCK_NAMES.add(name)
+    return name
+
+
+def from_the_clock(name: str) -> bool:
+    """Whether ``name`` is one that :func:`default_name` or :func:`scheduled_name` made
+    from the clock in this process (not from a time the caller gave, which may come
+    twice): no earlier archive of this host can bear it, so an engine whose duplicate
+    check costs a call of its own (restic: a listing) may skip that check."""
+    return name in _CLOCK_NAMES
+
+
+def _timed_name(now: datetime.datetime | None, host: str | None) -> str:
+    now = now or datetime.datetime.now(datetime.UTC)
+    host = host or socket.gethostname().split(".")[0] or "host"
+    host = re.sub(r"[^A-Za-z0-9-]", "-", host)
+    return f"{host}-{now.astimezone(datetime.UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
 
 
 def check_name(name: str) -> str:

@@ -21,6 +21,7 @@ import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,3 +267,99 @@ def test_every_archive_command_takes_repo(
     delete = homesafe("archives", "delete", "--repo", name, "--yes", archive)
     assert delete.returncode == 0, delete.stderr
     assert api.list_archives(repository) == []
+
+
+# -- restic: parents and names without a listing -----------------------------------------
+
+
+def restic_snapshots(repository: Repository) -> list[dict[str, Any]]:
+    """The repository's snapshots as restic itself lists them, oldest first."""
+    completed = subprocess.run(
+        ["restic", "-r", repository.location, "snapshots", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RESTIC_PASSWORD": repository.passphrase() or ""},
+        check=True,
+    )
+    return sorted(json.loads(completed.stdout), key=lambda snapshot: snapshot["time"])
+
+
+def test_restic_backups_take_the_snapshot_written_before_as_parent(
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+) -> None:
+    repository = make_repository("restic-local")
+    # The first backup lists the repository (homesafe has no record of it) ...
+    assert api.backup_apps(repository=repository).status == "ok"
+    # ... and the next ones take their parent from the record of the one before.
+    assert api.backup_apps(["beta"], repository=repository).status == "ok"
+    assert api.backup_apps(repository=repository).status == "ok"
+    first, beta_only, both = restic_snapshots(repository)
+    assert "parent" not in first
+    # Every app's paths are in the first snapshot: the newest holding them all.
+    assert beta_only["parent"] == first["id"]
+    assert both["parent"] == first["id"]
+
+    # A parent deleted behind homesafe's back (another host's prune, say) is refused by
+    # restic before it reads anything: the backup lists the repository and goes on.
+    subprocess.run(
+        ["restic", "-r", repository.location, "forget", both["id"]],
+        capture_output=True,
+        env={**os.environ, "RESTIC_PASSWORD": repository.passphrase() or ""},
+        check=True,
+    )
+    (two_apps / "beta/data/b.txt").write_text("changed\n")
+    result = api.backup_apps(repository=repository)
+    assert result.status == "ok", result.to_dict()
+    *_, latest = restic_snapshots(repository)
+    assert latest["parent"] == first["id"]
+    assert [archive.name for archive in api.list_archives(repository)][-1] == result.archive
+
+
+def test_restic_refuses_an_archive_name_given_twice(
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+) -> None:
+    repository = make_repository("restic-local")
+    assert api.backup_apps(repository=repository, archive_name="nightly").status == "ok"
+    # A name the caller gives may exist: it is looked for, even with a record of the
+    # repository's snapshots at hand.
+    again = api.backup_apps(repository=repository, archive_name="nightly")
+    assert again.status == "failed"
+    assert "exists already" in again.errors[0].message
+    assert [archive.name for archive in api.list_archives(repository)] == ["nightly"]
+    assert len(restic_snapshots(repository)) == 1
+
+
+def test_restic_extracts_the_snapshot_it_listed(
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from homesafe import archives
+    from homesafe.engines.restic import NAME_TAG, ResticEngine
+
+    repository = make_repository("restic-local")
+    result = api.backup_apps(repository=repository)
+    assert result.status == "ok"
+    engine = ResticEngine()
+    described = tmp_path / "described"
+    described.mkdir()
+    # The description first (the listing starts alongside), then the listing ...
+    engine.extract(repository, result.archive, archives.DESCRIPTION_MEMBERS, described)
+    listed = {entry.path for entry in engine.list_contents(repository, result.archive)}
+    assert f"{str(two_apps).lstrip('/')}/beta/data/b.txt" in listed
+    # ... then another snapshot bearing the same name, written by something else.
+    (two_apps / "beta/data/b.txt").write_text("written later\n")
+    subprocess.run(
+        ["restic", "-r", repository.location, "backup", "--tag", NAME_TAG + result.archive,
+         str(two_apps / "beta")],
+        capture_output=True,
+        env={**os.environ, "RESTIC_PASSWORD": repository.passphrase() or ""},
+        check=True,
+    )  # fmt: skip
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    engine.extract(repository, result.archive, [str(two_apps / "beta")], extracted)
+    assert (extracted / str(two_apps).lstrip("/") / "beta/data/b.txt").read_text() == "beta\n"
+    assert (described / archives.METADATA_FILE).is_file()

@@ -81,6 +81,15 @@ def test_default_name_without_arguments_is_a_valid_name() -> None:
     assert stamp >= before[-len(stamp) :]
 
 
+def test_only_names_read_from_the_clock_are_trusted_unique() -> None:
+    assert archives.from_the_clock(default_name())
+    assert archives.from_the_clock(archives.scheduled_name())
+    # A time the caller gives may be given twice; a name the user gives may exist.
+    assert not archives.from_the_clock(default_name(MOMENT, "server"))
+    assert not archives.from_the_clock(archives.scheduled_name(MOMENT, "server"))
+    assert not archives.from_the_clock("nightly")
+
+
 # -- checking names ------------------------------------------------------------------
 
 

@@ -161,3 +161,49 @@ def test_borg_gets_lock_wait_after_the_subcommand(tmp_path: Path) -> None:
     argv = borg.prune_argv(repository, policy, dry_run=True)
     assert argv[:2] == ["borg", "prune"] and "--dry-run" in argv and "--list" in argv
     assert argv[argv.index("--keep-daily") + 1] == "7" and "--keep-weekly" not in argv
+
+
+def test_snapshot_records_keep_the_newest_of_each_path_set(
+    repository: Repository, homesafe_env: Path
+) -> None:
+    assert restic.remembered_snapshots(repository) is None
+    metadata = f"/tmp/staging-1/{archives.METADATA_DIRECTORY}"
+    restic.remember_listing(
+        repository,
+        [
+            {"id": "a" * 64, "paths": [metadata, "/srv/x", "/srv/y"]},
+            {"id": "b" * 64, "paths": ["/srv/x"]},
+        ],
+    )
+    restic.remember_snapshot(repository, "c" * 64, ["/srv/y", "/srv/x"])
+    remembered = restic.remembered_snapshots(repository)
+    # The metadata directory's path (new every time) is left out, so "c" replaces "a".
+    assert remembered == [
+        {"id": "b" * 64, "paths": ["/srv/x"]},
+        {"id": "c" * 64, "paths": ["/srv/x", "/srv/y"]},
+    ]
+    assert restic.choose_parent(remembered, ["/srv/x"]) == "c" * 64
+    assert restic.choose_parent(remembered, ["/srv/z"]) is None
+    restic.forget_remembered(repository, ["c" * 64])
+    assert restic.choose_parent(restic.remembered_snapshots(repository) or [], ["/srv/x"]) == (
+        "b" * 64
+    )
+
+
+def test_snapshot_records_are_of_one_location_only(
+    repository: Repository, homesafe_env: Path
+) -> None:
+    restic.remember_listing(repository, [])
+    assert restic.remembered_snapshots(repository) == []
+    moved = Repository(
+        name=repository.name,
+        location=repository.location + "-elsewhere",
+        engine="restic",
+        encryption="repokey",
+        passphrase_file=repository.passphrase_file,
+        compression="auto",
+    )
+    assert restic.remembered_snapshots(moved) is None
+    # Without a record, a backup's snapshot starts none (it would hide older ones).
+    restic.remember_snapshot(moved, "d" * 64, ["/srv/x"])
+    assert restic.remembered_snapshots(moved) is None

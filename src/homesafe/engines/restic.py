@@ -12,6 +12,17 @@ Works with restic 0.14 (Debian bookworm) and later. How homesafe's ideas map ont
   relative to the working directory) at the root of the snapshot tree and an absolute
   one at its place: the same layout as borg's. Listings leave out the parent
   directories restic adds above absolute paths, as borg has none.
+* **One call per backup.** restic picks a parent snapshot (whose files it compares
+  with the disk) only among snapshots of the very same paths, and homesafe's metadata
+  directory has a new path every time; a listing to choose one costs a process (some
+  0.5 s of key derivation). So homesafe remembers the snapshots each backup wrote
+  (``$HOMESAFE_HOME/restic-snapshots/``) and passes ``--parent`` from that record. The
+  repository is listed only to refuse a name that may exist already (names not read
+  from the clock), for a repository this host has no record of, and when the
+  remembered parent is gone.
+* **Reading an archive** takes three restic processes (description, listing, files):
+  the listing starts alongside the extraction of the description, and the files are
+  extracted from the snapshot the listing named by id.
 * **Passphrase**: through a pipe (``RESTIC_PASSWORD_FILE=/dev/fd/N``), never argv or the
   environment; ``RESTIC_PASSWORD*`` inherited from the caller are removed.
 * **Remote**: sftp through homesafe's ssh key and known_hosts (``-o sftp.command``); S3
@@ -36,10 +47,10 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from homesafe import archives, execute, locations
 from homesafe.engines.base import (
@@ -68,11 +79,15 @@ from homesafe.errors import (
     UsageError,
 )
 from homesafe.repositories import (
+    NAME_PATTERN,
     Repository,
     classify_ssh_failure,
     diagnose_ssh,
     ssh_command,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 RESTIC = "restic"
 # restic 0.14: "backup" exits 3 when some source files could not be read.
@@ -506,6 +521,20 @@ def classify(error: CommandError, repository: Repository) -> EngineError:
     return error_class(f"{summary}: {detail}", hint=HINTS.get(error_class))
 
 
+def _in_background(
+    function: Callable[..., execute.Completed], *arguments: Any
+) -> Future[execute.Completed]:
+    """``function(*arguments)`` run in a thread of its own; its result or error is the
+    future's. The thread ends with the call, whether anybody asks for the result."""
+    from concurrent.futures import ThreadPoolExecutor  # here: few commands need it
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restic")
+    try:
+        return executor.submit(function, *arguments)
+    finally:
+        executor.shutdown(wait=False)
+
+
 def _json_lines(text: str) -> Iterator[dict[str, Any]]:
     for line in text.splitlines():
         if line.startswith("{"):
@@ -521,6 +550,12 @@ class ResticEngine:
     """:class:`homesafe.engines.base.Engine` on restic 0.14 and later."""
 
     name = "restic"
+
+    def __init__(self) -> None:
+        # Per archive, keyed by (location, name): its snapshot's full id once a listing
+        # told it, and a listing started alongside the extraction of its description.
+        self._snapshot_ids: dict[tuple[str, str], str] = {}
+        self._listings: dict[tuple[str, str], Future[execute.Completed]] = {}
 
     def repository_exists(self, repository: Repository) -> bool:
         """Local: the repository's files are there. Remote: restic opens it (a wrong
@@ -538,6 +573,8 @@ class ResticEngine:
 
     def initialize(self, repository: Repository) -> None:
         run_restic(repository, init_argv(repository))
+        # A new repository holds no snapshot: its first backup needs no listing.
+        remember_listing(repository, [])
 
     def snapshots(self, repository: Repository) -> list[dict[str, Any]]:
         """Every snapshot as restic describes it, oldest first."""
@@ -559,6 +596,17 @@ class ResticEngine:
             )
         return dict(listed[-1])
 
+    def _snapshots_for_create(
+        self, repository: Repository, archive_name: str
+    ) -> list[dict[str, Any]]:
+        """Every snapshot, after making sure none bears ``archive_name`` already."""
+        existing = self.snapshots(repository)
+        if any(snapshot_name(snapshot) == archive_name for snapshot in existing):
+            raise ArchiveExistsError(
+                f"an archive named {archive_name} exists already in {repository.name!r}"
+            )
+        return existing
+
     def create(
         self,
         repository: Repository,
@@ -571,30 +619,57 @@ class ResticEngine:
         timestamp: datetime.datetime | None = None,
         view: ReadView | None = None,
     ) -> ArchiveStats:
-        existing = self.snapshots(repository)
-        if any(snapshot_name(snapshot) == archive_name for snapshot in existing):
-            raise ArchiveExistsError(
-                f"an archive named {archive_name} exists already in {repository.name!r}"
-            )
+        """One ``restic backup``, with the parent (the snapshot whose files are compared
+        with the disk, so that unchanged files are not read) taken from the snapshots
+        this host remembers writing. A listing of the repository comes first only when
+        it is needed: to refuse a name that may exist already (one not read from the
+        clock, see :func:`homesafe.archives.from_the_clock`), to learn the snapshots of
+        a repository this host has no record of, or when the remembered parent is gone.
+        """
         absolute = [path for path in paths if path.startswith("/")]
-        completed = run_restic(
-            repository,
-            backup_argv(
+        remembered = remembered_snapshots(repository)
+        written_here = (restic_location(repository), archive_name) in _WRITTEN
+        trusted_name = archives.from_the_clock(archive_name) and not written_here
+        listed = None
+        if remembered is None or not trusted_name:
+            listed = self._snapshots_for_create(repository, archive_name)
+            remembered = remember_listing(repository, listed)
+        parent = choose_parent(listed if listed is not None else remembered, absolute)
+
+        def backup(parent: str | None) -> execute.Completed:
+            return run_restic(
                 repository,
-                paths,
-                archive_tags(archive_name, comment),
-                parent=choose_parent(existing, absolute),
-                timestamp=timestamp,
-                view=view,
-            ),
-            accept_returncodes=(0, INCOMPLETE_SNAPSHOT),
-            working_directory=working_directory,
-            wrapper=view.wrapper if view is not None else (),
-        )
+                backup_argv(
+                    repository,
+                    paths,
+                    archive_tags(archive_name, comment),
+                    parent=parent,
+                    timestamp=timestamp,
+                    view=view,
+                ),
+                accept_returncodes=(0, INCOMPLETE_SNAPSHOT),
+                working_directory=working_directory,
+                wrapper=view.wrapper if view is not None else (),
+            )
+
+        try:
+            completed = backup(parent)
+        except ArchiveNotFoundError:
+            if listed is not None or parent is None:
+                raise
+            # The remembered parent was deleted (by another host, or restic itself):
+            # restic refused it before reading anything.
+            forget_remembered(repository, [parent])
+            listed = self._snapshots_for_create(repository, archive_name)
+            remember_listing(repository, listed)
+            completed = backup(choose_parent(listed, absolute))
         summary: dict[str, Any] = {}
         for record in _json_lines(completed.stdout):
             if record.get("message_type") == "summary":
                 summary = record
+        _WRITTEN.add((restic_location(repository), archive_name))
+        if summary.get("snapshot_id"):
+            remember_snapshot(repository, str(summary["snapshot_id"]), absolute)
         warnings = read_warnings(completed.stderr)
         if on_progress is not None:
             done = float(summary.get("total_bytes_processed", 0))
@@ -623,7 +698,12 @@ class ResticEngine:
     def list_contents(
         self, repository: Repository, archive_name: str, paths: Sequence[str] = ()
     ) -> list[ArchiveEntry]:
-        completed = run_restic(repository, ls_argv(repository, archive_name))
+        key = (restic_location(repository), archive_name)
+        started = self._listings.pop(key, None)
+        if started is not None:
+            completed = started.result()
+        else:
+            completed = run_restic(repository, ls_argv(repository, archive_name))
         records = list(_json_lines(completed.stdout))
         snapshot_paths: list[str] = []
         entries = []
@@ -631,6 +711,8 @@ class ResticEngine:
         for record in records:
             if record.get("struct_type") == "snapshot":
                 snapshot_paths = list(record.get("paths") or [])
+                if record.get("id"):
+                    self._snapshot_ids[key] = str(record["id"])
                 continue
             path = str(record.get("path", "")).lstrip("/")
             if not path or not stored_member(path, snapshot_paths):
@@ -659,7 +741,21 @@ class ResticEngine:
         *,
         on_progress: ProgressCallback | None = None,
     ) -> list[str]:
-        run_restic(repository, restore_argv(repository, archive_name, paths, target_root))
+        """``restic restore`` of ``paths``; the snapshot is named by its id once a
+        listing told it, so that what is extracted is what was listed.
+
+        Extracting an archive's description is the first step of reading it, and its
+        listing comes next (:func:`homesafe.api.read_archive`, restores): that listing
+        is started at once, alongside, in a restic process of its own (restic's shared
+        locks let both in), so that the two key derivations overlap.
+        """
+        key = (restic_location(repository), archive_name)
+        described_first = tuple(paths) == archives.DESCRIPTION_MEMBERS
+        if described_first and key not in self._snapshot_ids and key not in self._listings:
+            listing = ls_argv(repository, archive_name)
+            self._listings[key] = _in_background(run_restic, repository, listing)
+        snapshot = self._snapshot_ids.get(key, archive_name)
+        run_restic(repository, restore_argv(repository, snapshot, paths, target_root))
         if on_progress is not None:
             on_progress(Progress("extract", current=None, finished=True))
         return []
@@ -675,10 +771,9 @@ class ResticEngine:
                 "nothing was deleted",
                 hint=HINTS[ArchiveNotFoundError],
             )
-        run_restic(
-            repository,
-            forget_argv(repository, [str(by_name[name]["id"]) for name in archive_names]),
-        )
+        snapshot_ids = [str(by_name[name]["id"]) for name in archive_names]
+        run_restic(repository, forget_argv(repository, snapshot_ids))
+        forget_remembered(repository, snapshot_ids)
         run_restic(repository, prune_argv(repository))
 
     def export_tar(
@@ -811,10 +906,13 @@ class ResticEngine:
         )
         kept: list[str] = []
         removed: list[str] = []
+        removed_ids: list[str] = []
         for group in groups or []:
             kept += [snapshot_name(snapshot) for snapshot in group.get("keep") or []]
             removed += [snapshot_name(snapshot) for snapshot in group.get("remove") or []]
+            removed_ids += [str(snapshot.get("id")) for snapshot in group.get("remove") or []]
         if removed and not dry_run:
+            forget_remembered(repository, removed_ids)
             run_restic(repository, prune_argv(repository))
         return PruneReport(kept=kept, removed=removed, dry_run=dry_run)
 
@@ -915,6 +1013,118 @@ def choose_parent(snapshots: Sequence[dict[str, Any]], absolute_paths: Sequence[
     sharing = [s for s in snapshots if wanted & set(s.get("paths") or [])]
     candidates = covering or sharing
     return str(candidates[-1]["id"]) if candidates else None
+
+
+# -- the snapshots this host wrote, remembered between runs ---------------------------
+#
+# Choosing a parent needs the repository's snapshots, and a listing costs a restic
+# process (its key derivation alone takes some 0.5 s; over S3 or sftp, round trips
+# too). restic's own choice needs the very same path list every time, and homesafe's
+# metadata directory differs every time. So each backup records the snapshot it wrote
+# (id and absolute paths) in $HOMESAFE_HOME/restic-snapshots/<repository>.json, and the
+# next backup takes its parent from there. The record only ever names a parent: a
+# stale one costs speed (restic refuses an id it does not find, before reading
+# anything; the backup then lists and tries again), never an archive's content.
+
+SNAPSHOT_RECORDS_KEPT = 64
+# (location, archive name) of every snapshot this process wrote: a name from the clock
+# is trusted once per repository only.
+_WRITTEN: set[tuple[str, str]] = set()
+
+
+def snapshot_records_file(repository: Repository) -> Path | None:
+    """Where the snapshots of ``repository`` are remembered; None for a name that
+    cannot be a file name (a repository that was never registered)."""
+    if not NAME_PATTERN.fullmatch(repository.name):
+        return None
+    return locations.home() / "restic-snapshots" / f"{repository.name}.json"
+
+
+def remembered_snapshots(repository: Repository) -> list[dict[str, Any]] | None:
+    """The snapshots remembered for ``repository`` (``id`` and absolute ``paths``),
+    oldest first; None when there is no record of this very location."""
+    file = snapshot_records_file(repository)
+    if file is None:
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("location") != restic_location(repository):
+        return None
+    snapshots = record.get("snapshots")
+    if not isinstance(snapshots, list):
+        return None
+    return [
+        {"id": str(item["id"]), "paths": [str(path) for path in item["paths"]]}
+        for item in snapshots
+        if isinstance(item, dict) and item.get("id") and isinstance(item.get("paths"), list)
+    ]
+
+
+def remember_listing(
+    repository: Repository, snapshots: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Replace the record of ``repository`` with ``snapshots`` (a whole listing,
+    oldest first) and return what was kept."""
+    records: list[dict[str, Any]] = []
+    for snapshot in snapshots:
+        records = _with_record(records, str(snapshot["id"]), snapshot.get("paths") or [])
+    _write_records(repository, records)
+    return records
+
+
+def remember_snapshot(repository: Repository, snapshot_id: str, paths: Sequence[str]) -> None:
+    """Add the snapshot a backup just wrote to the record of ``repository``, if there is
+    one: a new record would hide the snapshots written before."""
+    records = remembered_snapshots(repository)
+    if records is not None:
+        _write_records(repository, _with_record(records, snapshot_id, paths))
+
+
+def forget_remembered(repository: Repository, snapshot_ids: Sequence[str]) -> None:
+    """Drop deleted snapshots from the record of ``repository``."""
+    records = remembered_snapshots(repository)
+    if records is not None:
+        gone = set(snapshot_ids)
+        _write_records(repository, [record for record in records if record["id"] not in gone])
+
+
+def _with_record(
+    records: list[dict[str, Any]], snapshot_id: str, paths: Sequence[str]
+) -> list[dict[str, Any]]:
+    """``records`` with the snapshot added as the newest. Only the newest snapshot of
+    each set of apps' paths can be a parent, so older ones of the same set go."""
+    # The metadata directory's absolute path is new each time: it tells nothing.
+    kept = sorted(
+        str(path)
+        for path in paths
+        if str(path).startswith("/") and not str(path).endswith("/" + archives.METADATA_DIRECTORY)
+    )
+    others = [record for record in records if record["paths"] != kept]
+    return [*others, {"id": snapshot_id, "paths": kept}][-SNAPSHOT_RECORDS_KEPT:]
+
+
+def _write_records(repository: Repository, records: list[dict[str, Any]]) -> None:
+    """Best effort: a record that cannot be written only costs the next backup a
+    listing."""
+    file = snapshot_records_file(repository)
+    if file is None:
+        return
+    document = {"location": restic_location(repository), "snapshots": records}
+    temporary: str | None = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written aside and renamed: two backups at once leave one whole record.
+        with tempfile.NamedTemporaryFile(
+            "w", dir=file.parent, prefix=f".{file.name}.", delete=False
+        ) as handle:
+            temporary = handle.name
+            json.dump(document, handle)
+        os.replace(temporary, file)
+    except OSError:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
 
 
 def _open_output(file: Path) -> tarfile.TarFile:
