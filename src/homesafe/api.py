@@ -306,6 +306,8 @@ class _Quiesced:
     stopped: dict[str, list[ServiceHandler]] = field(default_factory=dict)
     lockdown_entries: dict[str, int] = field(default_factory=dict)  # in the journal
     left: bool = False
+    # Apps whose services keep running (captured live): locked down only.
+    running: frozenset[str] = frozenset()
 
     def enter(self) -> None:
         """Lock every app down, then stop services: last app's last service first.
@@ -328,7 +330,7 @@ class _Quiesced:
             self.locked.append(app)
         for app in reversed(self.apps):
             result = self.results[app.id]
-            if not result.active:
+            if not result.active or app.id in self.running:
                 continue
             controller = ServiceController(
                 app.manifest.services, journal=journal.active(), owner=app.id
@@ -615,10 +617,13 @@ def _capture_group(
     happens here (it is left already, or once the archive is written)."""
     from homesafe.consistency.capture import plan_app
 
+    live: set[str] = set()
     for app in group:
         if not results[app.id].active:
             continue
         plan = plan_app(app.id, app.manifest, _existing_paths(app), strategy, views=views)
+        if plan.strategy == "live":
+            live.add(app.id)  # declared safe to read running (or nothing to stop)
         if plan.problem is not None:
             results[app.id].fail("capture", plan.problem)
             continue
@@ -626,7 +631,7 @@ def _capture_group(
             captures.prepare(plan)
         except (HomesafeError, OSError) as error:
             results[app.id].fail("capture", f"the first copy failed: {_message(error)}")
-    quiesced = _Quiesced(list(group), results, "backup")
+    quiesced = _Quiesced(list(group), results, "backup", running=frozenset(live))
     held.append(quiesced)
     quiesced.enter()
     _run_hooks("backup_pre", group, results, packet)

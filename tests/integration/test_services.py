@@ -342,3 +342,30 @@ def test_lockdown_flag_and_commands_bracket_backup_and_restore(
     assert lockdown_flags(homesafe_env) == []
     assert left.exists() and not entered.exists()
     assert daemon.is_running()
+
+
+def test_an_app_declared_live_keeps_its_services_running(
+    homesafe_env: Path, write_manifest: ManifestWriter, daemon_factory: DaemonFactory
+) -> None:
+    daemon = daemon_factory("cache")
+    daemon.start()
+    data = make_tree(homesafe_env / "srv" / "cache", {"entries": "x"})
+    write_manifest(
+        "cache",
+        to_toml(
+            {
+                "id": "cache",
+                "consistency": "live",
+                "data": {"directories": [str(data)]},
+                "services": [command_service(daemon, "cache")],
+            }
+        ),
+    )
+
+    result = api.backup_apps()
+
+    assert result.status == "ok", describe(result)
+    cache = result.app("cache")
+    assert (cache.strategy, cache.downtime) == ("live", 0.0)
+    assert "stop" not in daemon.calls()
+    assert lockdown_flags(homesafe_env) == []

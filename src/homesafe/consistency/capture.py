@@ -155,19 +155,15 @@ def _can_clone(path: str) -> str | None:
     return None
 
 
-def _cheapest(path: str, *, views: bool) -> tuple[Method, str | None]:
-    """The cheapest way to capture ``path`` safely, and why nothing cheaper (or None)."""
-    if not views:
-        return "stop", None
+def _cheapest(path: str) -> Method:
+    """The cheapest way to capture ``path`` safely, copies being readable in place."""
     if os.path.islink(path):
-        return "live", None  # a symlink is its target's name: read as it is
-    refused = _can_snapshot(path)
-    if refused is None:
-        return "snapshot", None
-    cannot_clone = _can_clone(path)
-    if cannot_clone is None:
-        return "clone", None
-    return "staged", cannot_clone
+        return "live"  # a symlink is its target's name: read as it is
+    if _can_snapshot(path) is None:
+        return "snapshot"
+    if _can_clone(path) is None:
+        return "clone"
+    return "staged"
 
 
 def plan_app(
@@ -196,8 +192,8 @@ def plan_app(
         if wanted != "stop":
             plan.notes.append(
                 "services stayed stopped for the archive run: reading snapshots, clones "
-                "or staged copies at the original paths needs root (a private mount "
-                "namespace)"
+                "or staged copies at the original paths needs a private mount namespace "
+                "(root, with the right to make one)"
             )
         return plan
     for path in paths:
@@ -210,7 +206,7 @@ def plan_app(
         elif wanted == "stop":
             method = "live" if os.path.islink(path) else "staged"
         else:
-            method, _ = _cheapest(path, views=views)
+            method = _cheapest(path)
         plan.paths.append(PathPlan(path, method))
     plan.strategy = max(
         (entry.method for entry in plan.paths), key=METHODS.index, default="snapshot"
