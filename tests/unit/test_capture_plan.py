@@ -68,7 +68,7 @@ def test_without_views_every_app_that_needs_holding_still_stops_for_the_run(
         "notes", manifest(services=[COMMAND_SERVICE]), [str(tmp_path)], views=False
     )
     assert plan.strategy == "stop" and plan.holds_still_for_the_run
-    assert "needs root" in plan.notes[0]
+    assert "needs a private mount namespace" in plan.notes[0]
     asked = capture.plan_app(
         "notes", manifest(services=[COMMAND_SERVICE]), [str(tmp_path)], "stop", views=False
     )
