@@ -160,18 +160,6 @@ def _journal_made(description: str, undo: list[str], removes: Path | None = None
     return journal.active().record(journal.COMMAND, data)
 
 
-def _make_directory(path: Path, purpose: str) -> int | None:
-    """Make the directory ``path`` if it is missing, journaled first (recovery removes
-    it once empty); the journal entry, or None when it existed."""
-    if path.is_dir():
-        return None
-    entry = journal.active().record(
-        journal.DIRECTORY_CREATED, {"path": str(path), "purpose": purpose}
-    )
-    path.mkdir(mode=0o700)
-    return entry
-
-
 def source_subvolume(path: str | os.PathLike[str]) -> Subvolume:
     """The btrfs subvolume whose root is ``path``; raises (before anything is changed)
     when ``path`` is not on btrfs or not the root of a subvolume."""
@@ -350,7 +338,7 @@ def backup_full(
     try:
         nested, mounted = _not_included(source)
         result.not_included = [*nested, *mounted]
-        made = _make_directory(snapshot_directory, "snapshots")
+        made = journal.make_directory(snapshot_directory, "snapshots")
         clock = time.monotonic()
         result.snapshot_time = _now()
         taken = snapshots.take_snapshot(source, snapshot_directory, name, read_only=False)

@@ -78,6 +78,7 @@ __all__ = [
     "active",
     "directory",
     "guarded",
+    "make_directory",
     "operation",
     "record_lockdown",
     "recover",
@@ -256,6 +257,23 @@ def active() -> Journal:
         if journal is None:
             journal = _journals[journal_directory] = Journal(journal_directory)
         return journal
+
+
+def make_directory(path: Path, purpose: str) -> int | None:
+    """Make the directory ``path`` (0700) if it is missing, recorded in :func:`active`
+    first so that recovery removes it once it is empty again; the entry (to close once
+    the directory is removed or kept), or None when it existed already. ``purpose``
+    says what it was made for, in recovery reports."""
+    if path.is_dir():
+        return None
+    journal = active()
+    entry = journal.record(DIRECTORY_CREATED, {"path": str(path), "purpose": purpose})
+    try:
+        path.mkdir(mode=0o700)
+    except BaseException:
+        journal.undone(entry)  # nothing was made
+        raise
+    return entry
 
 
 @contextlib.contextmanager

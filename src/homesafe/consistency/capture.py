@@ -59,7 +59,7 @@ from typing import Literal
 
 from homesafe import execute, journal, locations
 from homesafe.consistency import snapshots
-from homesafe.consistency.view import wrapper_argv
+from homesafe.consistency.view import PRIVATE_NAMESPACE_ARGV, wrapper_argv
 from homesafe.engines.base import ReadView
 from homesafe.errors import CommandError, HomesafeError
 from homesafe.manifest import Manifest, is_inside
@@ -129,8 +129,7 @@ def views_available() -> bool:
     ``unshare``; tried once per process with a namespace that runs ``true``."""
     if not locations.running_as_root():
         return False
-    probe = ["unshare", "--mount", "--propagation", "private", "--", "true"]
-    return execute.succeeds(probe, timeout=30)
+    return execute.succeeds([*PRIVATE_NAMESPACE_ARGV, "true"], timeout=30)
 
 
 def _has_nothing_to_hold_still(manifest: Manifest) -> bool:
@@ -287,10 +286,10 @@ class Captures:
         self._snapshots: list[tuple[Path, int]] = []  # (path, journal entry)
         self._holders: dict[Path, int] = {}  # directories made, with journal entries
         self._clone_directories: dict[str, Path] = {}  # mount point -> directory of run
-        self._staging_started: dict[str, int] = {}  # path -> time_ns of its first copy
         self._staging: Path | None = None  # this run's directory of staged copies
-        self._staged: dict[str, Path] = {}  # path -> its staged copy
-        self._cloned: dict[str, tuple[Path, int]] = {}  # path -> (clone, when it began)
+        # path -> (its copy, when the first pass began), until the quiesced pass.
+        self._staged: dict[str, tuple[Path, int]] = {}
+        self._cloned: dict[str, tuple[Path, int]] = {}
         self._stop_reasons: dict[str, str] = {}  # app -> why it cannot be staged
         self._counter = 0
         self._taken_now: dict[Path, Path] = {}  # subvolume -> its snapshot, for one app
@@ -331,23 +330,20 @@ class Captures:
             _stop_for_the_run(plan, shortfall)
             return
         for path in staged:
-            copy = self._staged_copy(plan.app_id, path)
-            self._staging_started[path] = time.time_ns()
+            started = time.time_ns()
+            copy = self._new_staged_copy(plan.app_id, path)
             self._copy(path, copy)
+            self._staged[path] = (copy, started)
 
-    def _staged_copy(self, app_id: str, path: str) -> Path:
-        """Where ``path`` of ``app_id`` is staged in this run (its parent made)."""
+    def _new_staged_copy(self, app_id: str, path: str) -> Path:
+        """Where to stage ``path`` of ``app_id`` in this run (its parent made)."""
         if self._staging is None:
             root = locations.staging_directory()
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._staging = self._stack.enter_context(
                 journal.temporary_directory(root, f"{self.run_name}-")
             )
-        copy = self._staged.get(path)
-        if copy is not None:
-            return copy
-        copy = self._staging / app_id / f"{len(self._staged)}-{Path(path).name or 'root'}"
-        self._staged[path] = copy
+        copy = self._staging / app_id / f"{self._next_number()}-{Path(path).name or 'root'}"
         copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return copy
 
@@ -371,9 +367,13 @@ class Captures:
             elif entry.method == "staged":
                 self._finish_staged_copy(plan.app_id, entry.path)
 
-    def _next_name(self) -> str:
+    def _next_number(self) -> int:
+        """A number no other snapshot, clone or copy of this run has."""
         self._counter += 1
-        return f"{self.run_name}-{self._counter}"
+        return self._counter
+
+    def _next_name(self) -> str:
+        return f"{self.run_name}-{self._next_number()}"
 
     def _snapshot(self, path: str) -> None:
         subvolume = snapshots.subvolume_of(path)
@@ -407,12 +407,11 @@ class Captures:
     def _make_holder(self, holder: Path, purpose: str) -> None:
         """Make ``holder`` (the directory snapshots or clones go in) if it is missing;
         journaled first, so that recovery removes it once it is empty again."""
-        if holder in self._holders or holder.is_dir():
+        if holder in self._holders:
             return
-        self._holders[holder] = journal.active().record(
-            journal.DIRECTORY_CREATED, {"path": str(holder), "purpose": purpose}
-        )
-        holder.mkdir(mode=0o700)
+        entry = journal.make_directory(holder, purpose)
+        if entry is not None:
+            self._holders[holder] = entry
 
     def _take_snapshot(self, subvolume: snapshots.Subvolume, holder: Path) -> Path:
         if subvolume.path in self._taken_now:
@@ -454,7 +453,7 @@ class Captures:
                 journal.temporary_directory(holder, f"{self.run_name}-")
             )
             self._clone_directories[mount_point] = directory
-        copy = directory / str(len(self._cloned) + len(self.binds))
+        copy = directory / str(self._next_number())
         if os.path.realpath(path) == os.path.realpath(mount_point):
             self._clone_entries(path, copy)
         else:
@@ -493,11 +492,12 @@ class Captures:
             raise
 
     def _finish_staged_copy(self, app_id: str, path: str) -> None:
-        copy = self._staged_copy(app_id, path)
-        started = self._staging_started.get(path)
-        if started is None:  # made by a backup_pre hook (a dump, say): copied whole now
+        prepared = self._staged.pop(path, None)
+        if prepared is None:  # made by a backup_pre hook (a dump, say): copied whole now
+            copy = self._new_staged_copy(app_id, path)
             self._copy(path, copy)
         else:
+            copy, started = prepared
             self._bring_up_to_date(path, copy, started)
         self.binds.append((os.fspath(copy), path))
 

@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["bind_read_only", "main", "wrapper_argv"]
+__all__ = ["PRIVATE_NAMESPACE_ARGV", "bind_read_only", "main", "wrapper_argv"]
 
 # linux/mount.h
 MS_RDONLY = 1
@@ -38,13 +38,14 @@ MS_PRIVATE = 1 << 18
 MS_REC = 16384
 # Exit status when the view cannot be set up (the command never ran).
 EXIT_VIEW_FAILED = 125
+# Runs the command after it in a mount namespace of its own, whose mounts stay in it.
+PRIVATE_NAMESPACE_ARGV = ("unshare", "--mount", "--propagation", "private", "--")
 
 
 def wrapper_argv(binds: Sequence[tuple[str, str]]) -> list[str]:
     """The argv prefix that runs a command with each ``(copy, original)`` of ``binds``
     mounted over ``original``; the command's own argv follows it."""
-    argv = ["unshare", "--mount", "--propagation", "private", "--"]
-    argv += [sys.executable, "-m", "homesafe.consistency.view"]
+    argv = [*PRIVATE_NAMESPACE_ARGV, sys.executable, "-m", "homesafe.consistency.view"]
     for copy, original in binds:
         argv += ["--bind", copy, original]
     return [*argv, "--"]
