@@ -732,8 +732,20 @@ def _create(
                 f"the backup handler failed: {type(error).__name__}: {error}"
             ) from error
         return None
-    engine = engine_for(repository.engine)
-    return engine.create(
+    return _write_archive(repository, name, paths, staging, comment, on_progress, view)
+
+
+def _write_archive(
+    repository: Repository,
+    name: str,
+    paths: list[str],
+    staging: Path,
+    comment: str,
+    on_progress: ProgressCallback | None,
+    view: ReadView | None,
+) -> ArchiveStats:
+    """The engine writes the archive: the metadata in ``staging``, then ``paths``."""
+    return engine_for(repository.engine).create(
         repository,
         name,
         [archives.METADATA_DIRECTORY, *paths],
@@ -789,9 +801,9 @@ def _create_everywhere(
         target = targets[position]
         clock = time.monotonic()
         try:
-            stats = _create(
-                target, None, None, Packet("backup", "apps", "/", [], name), name, paths,
-                staging, comment, on_progress if position == 0 else None, view,
+            stats = _write_archive(
+                target, name, paths, staging, comment,
+                on_progress if position == 0 else None, view,
             )  # fmt: skip
         except HomesafeError as error:
             failure = error if isinstance(error, EngineError) else EngineError(error.message)
