@@ -427,6 +427,134 @@ def test_the_last_staged_pass_copies_what_changed_during_the_first_behind_its_ti
     assert not Path(copy).exists()  # removed with the captures
 
 
+def acl_granting_read_to(uid: int) -> bytes:
+    """A POSIX access ACL in the kernel's xattr form: owner rw, user ``uid`` r, group r,
+    mask r, others nothing."""
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 4, uid), (0x04, 4, 0xFFFFFFFF)]
+    entries += [(0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)]
+    return (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + who.to_bytes(4, "little")
+        for tag, perm, who in entries
+    )
+
+
+def full_tree_of(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every path below ``root`` with what ``rsync -aHAX`` keeps: type and mode, owner,
+    modification time (not of symlinks), extended attributes, contents or target."""
+    found: dict[str, tuple[object, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        status = path.lstat()
+        if path.is_symlink():
+            found[str(path.relative_to(root))] = (status.st_mode, os.readlink(path))
+            continue
+        attributes = sorted((name, os.getxattr(path, name)) for name in os.listxattr(path))
+        content = path.read_bytes() if path.is_file() else b""
+        found[str(path.relative_to(root))] = (
+            status.st_mode,
+            status.st_uid,
+            status.st_gid,
+            status.st_mtime_ns,
+            status.st_nlink if path.is_file() else 0,
+            tuple(attributes),
+            content,
+        )
+    return found
+
+
+def rsync_copy(source: Path, destination: Path) -> None:
+    from homesafe import execute
+    from homesafe.consistency import capture
+
+    execute.run(capture._rsync_argv(str(source), destination))
+
+
+def test_the_quiesced_pass_copies_simple_changes_itself_as_rsync_would(
+    ext4: LoopFilesystem,
+) -> None:
+    """Rewritten, shrunk, grown and new files, a deleted file and a deleted symlink,
+    changes of mode, owner, extended attributes and ACL: copied without rsync, and the
+    copy ends equal to the source in all that ``rsync -aHAX`` keeps."""
+    from homesafe.consistency import capture
+
+    source = ext4.mount_point / "app"
+    (source / "db").mkdir(parents=True)
+    (source / "keep").mkdir()
+    (source / "keep" / "x").write_bytes(b"unchanged")
+    for name, size in (("a", 65536), ("b", 300_000), ("c", 10)):
+        (source / "db" / name).write_bytes(os.urandom(size))
+    os.setxattr(source / "db" / "a", "user.old", b"to be removed")
+    (source / "gone").write_text("deleted later\n")
+    (source / "link").symlink_to("db/a")
+    copy = ext4.mount_point / "copy"
+    rsync_copy(source, copy)
+    # As the last pass counts: from a margin before, the change-time clock being coarse.
+    time.sleep(capture.CHANGE_TIME_MARGIN_NS / 1e9 + 0.1)
+    since = time.time_ns() - capture.CHANGE_TIME_MARGIN_NS
+
+    with open(source / "db" / "a", "r+b") as handle:
+        handle.write(b"rewritten page")
+    os.removexattr(source / "db" / "a", "user.old")
+    (source / "db" / "b").write_bytes(b"shrunk")
+    (source / "db" / "c").write_bytes(os.urandom(200_000))
+    os.chown(source / "db" / "c", 1234, 5678)
+    (source / "db" / "c").chmod(0o640)
+    os.setxattr(source / "db" / "c", "user.tag", b"value")
+    os.setxattr(source / "db" / "c", "system.posix_acl_access", acl_granting_read_to(4321))
+    (source / "db" / "new").write_bytes(b"made while held still")
+    (source / "gone").unlink()
+    (source / "link").unlink()
+    (source / "keep").chmod(0o700)
+
+    changed = capture.changed_since(str(source), copy, since)
+    assert {"db/a", "db/b", "db/c", "db/new", "gone", "link", "keep"} <= set(changed)
+    assert "keep/x" not in changed
+    assert capture.copy_in_place(str(source), copy, changed)
+
+    assert full_tree_of(copy) == full_tree_of(source)
+    acl = os.getxattr(copy / "db" / "c", "system.posix_acl_access")
+    assert acl == acl_granting_read_to(4321)
+
+
+@pytest.mark.parametrize("change", ["hard link", "new directory", "symlink", "file to directory"])
+def test_the_quiesced_pass_leaves_what_is_not_simple_to_rsync(
+    ext4: LoopFilesystem, change: str
+) -> None:
+    """Anything but plain files and existing directories is rsync's: the in-place copy
+    says no and changes nothing, and rsync then brings the copy up to date."""
+    from homesafe.consistency import capture
+
+    source = ext4.mount_point / "app"
+    source.mkdir()
+    (source / "file").write_bytes(b"one")
+    (source / "other").write_bytes(b"two")
+    (source / "link").symlink_to("file")
+    copy = ext4.mount_point / "copy"
+    rsync_copy(source, copy)
+    # As the last pass counts: from a margin before, the change-time clock being coarse.
+    time.sleep(capture.CHANGE_TIME_MARGIN_NS / 1e9 + 0.1)
+    since = time.time_ns() - capture.CHANGE_TIME_MARGIN_NS
+    before = full_tree_of(copy)
+    if change == "hard link":
+        os.link(source / "file", source / "twin")
+    elif change == "new directory":
+        (source / "fresh" / "deep").mkdir(parents=True)
+        (source / "other").write_bytes(b"changed too")
+    elif change == "symlink":
+        (source / "link").unlink()
+        (source / "link").symlink_to("other")
+    else:
+        (source / "file").unlink()
+        (source / "file").mkdir()
+
+    changed = capture.changed_since(str(source), copy, since)
+    assert changed
+    assert not capture.copy_in_place(str(source), copy, changed)
+    assert full_tree_of(copy) == before
+    with capture.Captures("run") as captures:
+        captures._bring_up_to_date(str(source), copy, since + capture.CHANGE_TIME_MARGIN_NS)
+    assert full_tree_of(copy) == full_tree_of(source)
+
+
 def tree_of(root: Path) -> dict[str, tuple[int, bytes]]:
     """Every path below ``root`` with its mode and (files) contents."""
     found = {}

@@ -15,9 +15,13 @@ Per path, the cheapest safe way is chosen:
   the filesystem, while the app runs (metadata only: it grows with the number of files,
   not their size); quiesced, the clone is brought up to date as a staged copy is.
 * ``staged``: any other filesystem: a copy in :func:`locations.staging_directory` is
-  made by ``rsync`` while the app runs (:meth:`Captures.prepare`), then, quiesced,
-  brought up to date for what changed since (:meth:`Captures.capture`): the downtime
-  grows with what changed during the first copy, not with the data size. Files whose
+  made by ``rsync`` while the app runs (:meth:`Captures.prepare`) and brought up to
+  date, still running, until such a pass is quick; then, quiesced, brought up to date
+  for what changed since the last pass began (:meth:`Captures.capture`): the downtime
+  grows with what changed in the last second or so, not with the data size. That
+  last pass walks the tree once (one ``lstat`` per entry) and copies plain files
+  itself (:func:`copy_in_place`), leaving rsync, which takes tens of milliseconds
+  to start, to anything else (hard links, symlinks, new directories). Files whose
   change time is after the first copy began are copied again whatever their size and
   modification time say (those can be set back by a program; the change time cannot).
   When the staging area is short of space, the app is stopped for the whole archive
@@ -93,6 +97,10 @@ STAGING_RESERVE_BYTES = 64 * 1024 * 1024
 STAGING_RESERVE_FRACTION = 0.02
 COPY_TIMEOUT = 6 * 3600.0
 RSYNC_OPTIONS = ("-aHAX", "--numeric-ids")
+# Passes that bring a first copy up to date while the app still runs, and the pass
+# time under which one more would gain nothing (the change-time margin dominates).
+CATCH_UP_PASSES = 3
+CATCH_UP_QUICK_NS = 250_000_000
 
 
 class CaptureError(HomesafeError):
@@ -318,7 +326,9 @@ class Captures:
         for entry in plan.paths:
             if entry.method == "clone":
                 started = time.time_ns()
-                self._cloned[entry.path] = (self._make_clone(entry.path), started)
+                copy = self._make_clone(entry.path)
+                skip = {str(Path(snapshots.mount_of(entry.path).mount_point) / CLONE_DIRECTORY)}
+                self._cloned[entry.path] = (copy, self._catch_up(entry.path, copy, started, skip))
         staged = [entry.path for entry in plan.paths if entry.method == "staged"]
         if not staged:
             return
@@ -333,7 +343,22 @@ class Captures:
             started = time.time_ns()
             copy = self._new_staged_copy(plan.app_id, path)
             self._copy(path, copy)
-            self._staged[path] = (copy, started)
+            self._staged[path] = (copy, self._catch_up(path, copy, started))
+
+    def _catch_up(
+        self, path: str, copy: Path, started: int, skip: frozenset[str] | set[str] = frozenset()
+    ) -> int:
+        """Bring the first copy of ``path`` (begun at ``started``) up to date with what
+        changed while it was made, still while the app runs, until a pass is quick:
+        what is left for the quiesced pass is then what changed in the last second or
+        so, not during the whole first copy. Returns when the last pass began."""
+        for _ in range(CATCH_UP_PASSES):
+            began = time.time_ns()
+            self._bring_up_to_date(path, copy, started, skip)
+            started = began
+            if time.time_ns() - began < CATCH_UP_QUICK_NS:
+                break
+        return started
 
     def _new_staged_copy(self, app_id: str, path: str) -> Path:
         """Where to stage ``path`` of ``app_id`` in this run (its parent made)."""
@@ -490,6 +515,8 @@ class Captures:
                     hint="Free space there or set HOMESAFE_STAGING to a roomier place.",
                 ) from error
             raise
+        if changed:
+            _set_directory_times(path, copy, changed)
 
     def _finish_staged_copy(self, app_id: str, path: str) -> None:
         prepared = self._staged.pop(path, None)
@@ -510,7 +537,7 @@ class Captures:
         since = started - CHANGE_TIME_MARGIN_NS
         if os.path.isdir(path) and not os.path.islink(path):
             changed = changed_since(path, copy, since, skip)
-            if changed:
+            if changed and not copy_in_place(path, copy, changed):
                 self._copy(path, copy, changed)
             # The top directory itself: rsync given "." copies all it holds.
             if os.lstat(path).st_ctime_ns >= since:
@@ -562,42 +589,177 @@ def changed_since(
     The change time is set by the kernel on every write, rename, link and metadata
     change; a program can set the modification time back, not the change time. Only
     directories that changed are listed against their copy, so the cost is one
-    ``lstat`` per entry plus the changed directories.
+    ``lstat`` per entry plus the changed directories. It runs while the app is held
+    still: one ``scandir`` per directory, no path normalising per entry.
     """
     changed: list[str] = []
-
-    def visit(source: str, relative: str, everything: bool) -> None:
-        if source in skip:
-            return
-        status = os.lstat(source)
-        late = everything or status.st_ctime_ns >= since_ns
-        if late and relative != ".":  # rsync would copy all of "." (see _bring_up_to_date)
-            changed.append(relative)
-        if not stat.S_ISDIR(status.st_mode):
-            return
-        names = os.listdir(source)
-        if late:
-            target = copy / relative
+    late_top = os.lstat(path).st_ctime_ns >= since_ns
+    # (directory, its path relative to ``path`` with a trailing slash or "", whether it
+    # changed, whether the copy lacks it); "." itself is never listed (rsync given "."
+    # would copy all it holds; see _bring_up_to_date).
+    pending: list[tuple[str, str, bool, bool]] = [(path, "", late_top, False)]
+    while pending:
+        directory, prefix, late, everything = pending.pop()
+        try:
+            with os.scandir(directory) as found:
+                entries = list(found)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # gone meanwhile: nothing to copy (quiesced, it stays gone)
+        if late and not everything:
             try:
-                copied = os.listdir(target)
-            except FileNotFoundError:
-                everything = True  # new or renamed: all of it
+                copied = os.listdir(copy / prefix if prefix else copy)
+            except (FileNotFoundError, NotADirectoryError):
+                everything = True  # new, renamed, or a file before: all of it
             else:
-                present = set(names)
-                changed.extend(
-                    os.path.normpath(os.path.join(relative, name))
-                    for name in copied
-                    if name not in present
-                )
-        for name in names:
+                present = {entry.name for entry in entries}
+                changed.extend(prefix + name for name in copied if name not in present)
+        for entry in entries:
+            if skip and entry.path in skip:
+                continue
             try:
-                visit(
-                    os.path.join(source, name),
-                    os.path.normpath(os.path.join(relative, name)),
-                    everything,
-                )
+                status = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
-                continue  # gone meanwhile: nothing to copy (quiesced, it stays gone)
-
-    visit(path, ".", False)
+                continue
+            relative = prefix + entry.name
+            entry_late = everything or status.st_ctime_ns >= since_ns
+            if entry_late:
+                changed.append(relative)
+            if stat.S_ISDIR(status.st_mode):
+                pending.append((entry.path, relative + "/", entry_late, everything))
     return changed
+
+
+# -- the quiesced pass without rsync ---------------------------------------------------
+
+
+def copy_in_place(path: str, copy: Path, changed: Sequence[str]) -> bool:
+    """Bring ``copy`` up to date for the ``changed`` entries of ``path`` (as listed by
+    :func:`changed_since`) without starting rsync, when every one of them is simple:
+    a regular file with a single link (new, or already a regular file in the copy), a
+    file or symlink the source no longer has, or a directory both sides have. Contents,
+    owner, mode, modification time and extended attributes (ACLs included) end as
+    ``rsync -aHAX --numeric-ids`` would leave them. Returns False, having changed
+    nothing, when some entry is not simple (hard links, symlinks, special files, a
+    change of type, new directories) or when an entry cannot be copied here (an
+    attribute the staging filesystem refuses, no space): rsync then does the whole
+    list, and reports what is wrong.
+
+    Why: an rsync run costs tens of milliseconds to start, which is most of the last
+    pass when little changed, and the app is held still during it.
+    """
+    files: list[tuple[str, Path, os.stat_result]] = []
+    doomed: list[Path] = []
+    directories: list[tuple[str, Path, os.stat_result]] = []
+    for relative in changed:
+        source = os.path.join(path, relative)
+        target = copy / relative
+        source_status = _lstat_or_none(source)
+        target_status = _lstat_or_none(target)
+        if source_status is None:
+            if target_status is None:
+                continue
+            if stat.S_ISDIR(target_status.st_mode):
+                return False
+            doomed.append(target)
+        elif stat.S_ISREG(source_status.st_mode) and source_status.st_nlink == 1:
+            if target_status is None:
+                if not target.parent.is_dir() or target.parent.is_symlink():
+                    return False
+            elif not stat.S_ISREG(target_status.st_mode) or target_status.st_nlink != 1:
+                return False
+            files.append((source, target, source_status))
+        elif stat.S_ISDIR(source_status.st_mode):
+            if target_status is None or not stat.S_ISDIR(target_status.st_mode):
+                return False
+            directories.append((source, target, source_status))
+        else:
+            return False
+    try:
+        for source, target, status in files:
+            _copy_file(source, target, status)
+        for target in doomed:
+            target.unlink()
+        # Deepest first: entries written in a directory change its modification time.
+        for source, target, status in sorted(directories, key=lambda item: -len(item[1].parts)):
+            _copy_metadata(source, target, status)
+    except OSError as error:
+        logger.debug("copying in place failed, rsync takes over: %s", error)
+        return False
+    return True
+
+
+def _set_directory_times(path: str, copy: Path, changed: Sequence[str]) -> None:
+    """Give the listed directories of ``copy`` their source's times again, deepest
+    first: rsync given a list (no recursion) sets a new directory's time before it
+    makes the directories listed inside it, which then change it."""
+    directories = []
+    for relative in changed:
+        status = _lstat_or_none(os.path.join(path, relative))
+        if status is not None and stat.S_ISDIR(status.st_mode):
+            directories.append((copy / relative, status))
+    for target, status in sorted(directories, key=lambda item: -len(item[0].parts)):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns), follow_symlinks=False)
+
+
+def _lstat_or_none(path: str | Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _copy_file(source: str, target: Path, status: os.stat_result) -> None:
+    """Copy a regular file's contents and metadata onto ``target`` (made or rewritten).
+
+    The old contents are overwritten, then cut to the new size, not truncated first:
+    ext4 flushes a file truncated to nothing and rewritten when it is closed (its
+    replace-by-truncate safeguard), milliseconds per file while the app is held still.
+    """
+    with _descriptors(source, os.O_RDONLY, target, os.O_WRONLY | os.O_CREAT) as (reader, writer):
+        size = os.fstat(reader).st_size
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(writer, reader, offset, size - offset)
+            if sent == 0:
+                break  # shrunk meanwhile (not while quiesced): rsync would agree
+            offset += sent
+        os.ftruncate(writer, offset)
+        _copy_attributes(reader, writer, status)
+
+
+def _copy_metadata(source: str, target: Path, status: os.stat_result) -> None:
+    """Owner, extended attributes, mode and times of a directory onto ``target``."""
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    with _descriptors(source, flags, target, flags) as (reader, writer):
+        _copy_attributes(reader, writer, status)
+
+
+@contextlib.contextmanager
+def _descriptors(
+    source: str, source_flags: int, target: Path, target_flags: int
+) -> Iterator[tuple[int, int]]:
+    """``source`` and ``target`` opened with these flags (never through a symlink)."""
+    reader = os.open(source, source_flags | os.O_NOFOLLOW)
+    try:
+        writer = os.open(target, target_flags | os.O_NOFOLLOW, 0o600)
+        try:
+            yield reader, writer
+        finally:
+            os.close(writer)
+    finally:
+        os.close(reader)
+
+
+def _copy_attributes(reader: int, writer: int, status: os.stat_result) -> None:
+    # Owner first: a change of owner clears set-user-ID and set-group-ID bits.
+    os.fchown(writer, status.st_uid, status.st_gid)
+    wanted = {name: os.getxattr(reader, name) for name in os.listxattr(reader)}
+    for name in os.listxattr(writer):
+        if name not in wanted:
+            os.removexattr(writer, name)
+    for name, value in wanted.items():
+        os.setxattr(writer, name, value)
+    # After the ACL (an attribute): the mode's group bits are its mask, equal on both.
+    os.fchmod(writer, stat.S_IMODE(status.st_mode))
+    os.utime(writer, ns=(status.st_atime_ns, status.st_mtime_ns))

@@ -127,6 +127,23 @@ class RunitHandler:
         base = self.service.service_directory or os.environ.get("SVDIR") or "/etc/service"
         return Path(base) / self.service.name / "supervise"
 
+    def _tell_runsv(self, letter: str) -> bool:
+        """Write ``letter`` to runsv's control pipe, which is all ``sv down``/``sv up``
+        do, without the ~10 ms of starting ``sv`` while the service is down. False when
+        the pipe cannot be opened (runsv is not running): ``sv`` then says why."""
+        try:
+            descriptor = os.open(
+                self.supervise_directory() / "control", os.O_WRONLY | os.O_NONBLOCK
+            )
+        except OSError:
+            return False
+        try:
+            return os.write(descriptor, letter.encode()) == 1
+        except OSError:
+            return False
+        finally:
+            os.close(descriptor)
+
     def state(self) -> str | None:
         """What runsv says the service is doing ("run", "down", "finish"), read from
         its ``supervise/stat`` file; None when that cannot be read."""
@@ -168,7 +185,8 @@ class RunitHandler:
         if reached is None or self.state() is None:
             _run(self.waiting_argv(command), self.environment())
             return
-        _run(self.stop_argv() if command == "stop" else self.start_argv(), self.environment())
+        if not self._tell_runsv("d" if command == "stop" else "u"):
+            _run(self.stop_argv() if command == "stop" else self.start_argv(), self.environment())
         deadline = time.monotonic() + RUNIT_WAIT_SECONDS
         while (state := self.state()) != reached:
             if time.monotonic() > deadline:
@@ -334,9 +352,10 @@ class ServiceController:
             try:
                 if not handler.is_running():
                     continue
-                if self.stopped_at is None:
-                    self.stopped_at = time.monotonic()
                 self._record(handler, service)
+                if self.stopped_at is None:
+                    # After the journal is on disk: the service runs until stop().
+                    self.stopped_at = time.monotonic()
                 handler.stop()
             except (CommandError, ServiceError) as error:
                 # A failed stop may still have stopped it: then it must be started again.
@@ -353,6 +372,7 @@ class ServiceController:
         Every service is tried even when one fails; the failures are returned.
         """
         failures: list[ServiceError] = []
+        started: list[ServiceHandler] = []
         for handler in reversed(self.stopped):
             try:
                 handler.start()
@@ -360,10 +380,14 @@ class ServiceController:
                 failures.append(ServiceError(f"could not start {handler.label}: {error}"))
                 self._close(handler, f"could not start it again: {error}")
                 continue
+            started.append(handler)
+        if self.stopped_at is not None:
+            # The services run again from here; closing their journal entries is not
+            # part of their downtime.
+            self.resumed_at = time.monotonic()
+        for handler in started:
             self._close(handler)
         self.stopped.clear()
-        if self.stopped_at is not None:
-            self.resumed_at = time.monotonic()
         return failures
 
     def _record(self, handler: ServiceHandler, service: Service) -> None:
