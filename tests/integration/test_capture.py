@@ -427,6 +427,64 @@ def test_the_last_staged_pass_copies_what_changed_during_the_first_behind_its_ti
     assert not Path(copy).exists()  # removed with the captures
 
 
+def test_an_lvm_thin_snapshot_is_mounted_read_only_and_removed(
+    ext4: LoopFilesystem,
+    tmp_path: Path,
+    daemon_factory: DaemonFactory,
+    write_manifest: ManifestWriter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app on a filesystem on an LVM thin volume is captured by a snapshot of the
+    volume, mounted read-only while the app is held still and read at the app's paths.
+
+    LVM cannot run here (no device-mapper in this kernel), so two things stand in for
+    it, and only they: the lookup says the ext4 loop device is a thin volume, and
+    "lvcreate" is a block-level copy of the device taken with the filesystem frozen
+    (which is what LVM does), attached to a loop device of its own; "lvremove" detaches
+    it. The mount, the view, the journal and the clean-up are homesafe's, for real.
+    """
+    from homesafe.consistency import snapshots as primitives
+
+    thin = primitives.LogicalVolume("vgtest", "data", "pool0", "Vwi-aotz--", ext4.device)
+    copies: dict[str, tuple[str, Path]] = {}  # snapshot name -> (loop device, image)
+
+    def take(volume: primitives.LogicalVolume, name: str) -> primitives.LogicalVolume:
+        assert volume == thin
+        image = tmp_path / f"{name}.img"
+        run("fsfreeze", "--freeze", ext4.mount_point)
+        try:
+            run("cp", "--sparse=always", ext4.directory / "image", image)
+        finally:
+            run("fsfreeze", "--unfreeze", ext4.mount_point)
+        device = run("losetup", "--find", "--show", image).strip()
+        copies[name] = (device, image)
+        return primitives.LogicalVolume("vgtest", name, "pool0", "Vwi-a-tz--", device)
+
+    def delete(volume: primitives.LogicalVolume) -> None:
+        device, image = copies.pop(volume.name)
+        run("losetup", "--detach", device)
+        image.unlink()
+
+    monkeypatch.setattr(primitives, "thin_volume_of", lambda path: thin)
+    monkeypatch.setattr(primitives, "take_lvm_snapshot", take)
+    monkeypatch.setattr(primitives, "delete_lvm_snapshot", delete)
+    data = ext4.mount_point / "chat"
+    daemon = writing_app("chat", data, daemon_factory, write_manifest)
+    mounts_before = mounts_of_host()
+
+    second = back_up_twice("chat", "snapshot")
+
+    assert daemon.is_running()
+    assert copies == {}  # every snapshot removed
+    assert mounts_of_host() == mounts_before
+    assert list((locations.home() / "mnt").iterdir()) == []
+    stored = archived_paths(second.archive)
+    assert f"{str(data).lstrip('/')}/payload/file-7" in stored
+    pair = restored_pair(second.archive, "chat", data, tmp_path / "restored")
+    assert pair[0] == pair[1], pair
+    assert stored_app(second.archive, "chat").strategy == "snapshot"
+
+
 def acl_granting_read_to(uid: int) -> bytes:
     """A POSIX access ACL in the kernel's xattr form: owner rw, user ``uid`` r, group r,
     mask r, others nothing."""

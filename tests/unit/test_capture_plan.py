@@ -165,3 +165,19 @@ def test_engines_leave_out_what_the_view_excludes_and_keep_their_change_rule() -
     argv = restic.backup_argv(restic_repository, ["/srv/x"], [], view=view)
     assert not {"--ignore-inode", "--ignore-ctime"} & set(argv)
     assert argv[argv.index("--exclude") + 1] == "/srv/x/.h"
+
+
+def test_auto_snapshots_a_path_on_an_lvm_thin_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem on an LVM thin volume is snapshot, whatever the filesystem. LVM
+    cannot run here (no device-mapper in this kernel): the volume lookup is replaced
+    by its answer for a thin volume; tests/integration/test_capture.py takes such a
+    snapshot with a block-level copy standing in for lvcreate."""
+    thin = snapshots.LogicalVolume("vg0", "data", "pool0", "Vwi-aotz--", "/dev/vg0/data")
+    held = manifest(services=[COMMAND_SERVICE])
+    monkeypatch.setattr(snapshots, "thin_volume_of", lambda path: thin)
+    assert capture.plan_app("notes", held, [str(tmp_path)], views=True).strategy == "snapshot"
+    monkeypatch.setattr(snapshots, "thin_volume_of", lambda path: None)
+    plan = capture.plan_app("notes", held, [str(tmp_path)], "snapshot", views=True)
+    assert plan.problem is not None and "LVM thin volume" in plan.problem

@@ -11,6 +11,7 @@ tests/integration/test_snapshots.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,24 @@ def test_lvm_argv() -> None:
 def test_thick_volumes_are_refused_before_any_command() -> None:
     with pytest.raises(snapshots.SnapshotError, match="not a thin volume"):
         snapshots.take_lvm_snapshot(LogicalVolume("vg0", "old", "", "-wi-ao----"), "snap")
+
+
+def test_device_mapper_devices_are_told_by_their_major_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a device-mapper block device can be an LVM volume: the major numbers come
+    from /proc/devices (its block section), so nothing else is handed to lvs."""
+    devices = tmp_path / "devices"
+    devices.write_text(
+        "Character devices:\n  1 mem\n253 not-this-one\n\n"
+        "Block devices:\n  7 loop\n 8 sd\n253 device-mapper\n254 mdp\n"
+    )
+    monkeypatch.setattr(snapshots, "PROC_DEVICES", devices)
+    snapshots._device_mapper_majors.cache_clear()
+    try:
+        assert snapshots._device_mapper_majors() == frozenset({253})
+        assert not snapshots.is_device_mapper(tmp_path)  # a directory
+        assert not snapshots.is_device_mapper(tmp_path / "missing")
+        assert snapshots.thin_volume_of(tmp_path) is None  # not on a mapper device
+    finally:
+        snapshots._device_mapper_majors.cache_clear()

@@ -50,10 +50,10 @@ def backup_command(
     Apps linked by dependencies are held still together, one group at a time: locked
     down, running services stopped (dependents first), captured, and restarted in
     order at once. How an app is captured is its strategy (the manifest's
-    `consistency`, or --strategy): `snapshot` (btrfs: read-only snapshots, held still
-    for milliseconds), `clone` (XFS/btrfs reflink copies), `stop` (a staged copy
-    brought up to date while the app runs, then once more for what changed while it
-    is stopped; or stopped for the whole archive run when the staging area is short of
+    `consistency`, or --strategy): `snapshot` (btrfs or LVM thin: read-only snapshots,
+    held still for milliseconds), `clone` (XFS/btrfs reflink copies), `stop` (a staged
+    copy brought up to date while the app runs, then once more for what changed while
+    it is stopped; or stopped for the whole archive run when the staging area is short of
     space), `live` (not held still), and `auto`, the default: the cheapest safe one
     for each path. The archive is then written from the captured copies, under the
     original paths. Failures of one app do not stop the others: the exit status is 3

@@ -7,9 +7,11 @@ Per path, the cheapest safe way is chosen:
 * ``snapshot``: the path is on btrfs: a read-only snapshot of the subvolume holding it
   (and of every subvolume nested below it, which a snapshot leaves out) is taken in
   ``.homesafe-snapshots/`` at the subvolume's root. It costs milliseconds whatever the
-  size. LVM thin snapshots exist as primitives in :mod:`.snapshots` but need a mount per
-  snapshot and cannot be exercised where homesafe is developed, so ``auto`` does not
-  pick them.
+  size. Or the path's filesystem is on an LVM thin volume: a thin snapshot of the
+  volume (LVM freezes the filesystem for that instant) is mounted read-only in
+  ``$HOMESAFE_HOME/mnt/`` while the app is held still. LVM cannot run where homesafe
+  is developed (no device-mapper there): its commands are tested as argv, and the
+  capture around them with a block-level copy standing in for ``lvcreate``.
 * ``clone``: the filesystem makes reflink copies (XFS with reflink=1, and btrfs when a
   clone is asked for): ``cp --reflink=always`` into ``.homesafe-clones/`` at the root of
   the filesystem, while the app runs (metadata only: it grows with the number of files,
@@ -53,6 +55,8 @@ import contextlib
 import functools
 import logging
 import os
+import posixpath
+import re
 import shutil
 import stat
 import time
@@ -145,10 +149,11 @@ def _has_nothing_to_hold_still(manifest: Manifest) -> bool:
 
 
 def _can_snapshot(path: str) -> str | None:
-    """None when ``path`` can be captured by a btrfs snapshot, else why not."""
+    """None when ``path`` can be captured by a snapshot (btrfs, or an LVM thin volume
+    under any filesystem), else why not."""
     kind = snapshots.filesystem_type(path)
-    if kind != "btrfs":
-        return f"{path} is on {kind}, not btrfs"
+    if kind != "btrfs" and snapshots.thin_volume_of(path) is None:
+        return f"{path} is on {kind}, neither btrfs nor an LVM thin volume"
     return None
 
 
@@ -292,6 +297,8 @@ class Captures:
         self.excludes: list[str] = []
         self._stack = contextlib.ExitStack()
         self._snapshots: list[tuple[Path, int]] = []  # (path, journal entry)
+        self._lvm_snapshots: list[tuple[snapshots.LogicalVolume, int]] = []
+        self._lvm_mounts: list[tuple[Path, int]] = []  # (mount point, journal entry)
         self._holders: dict[Path, int] = {}  # directories made, with journal entries
         self._clone_directories: dict[str, Path] = {}  # mount point -> directory of run
         self._staging: Path | None = None  # this run's directory of staged copies
@@ -401,6 +408,9 @@ class Captures:
         return f"{self.run_name}-{self._next_number()}"
 
     def _snapshot(self, path: str) -> None:
+        if snapshots.filesystem_type(path) != "btrfs":
+            self._lvm_snapshot(path)
+            return
         subvolume = snapshots.subvolume_of(path)
         original = Path(os.path.realpath(path))
         for source, copy in self._snapshot_tree(subvolume, original):
@@ -428,6 +438,65 @@ class Captures:
             if not is_inside(os.fspath(nested), os.fspath(path)):
                 continue
             yield from self._snapshot_tree(snapshots.subvolume_at(nested), nested, holder)
+
+    def _lvm_snapshot(self, path: str) -> None:
+        """Bind ``path`` to its place in a mounted thin snapshot of its volume (one
+        snapshot per volume and app: the app's paths on it are of one instant)."""
+        mount = snapshots.mount_of(path)
+        volume = snapshots.thin_volume_of(path)
+        if volume is None:
+            raise CaptureError(f"{path} is not on an LVM thin volume any more")
+        key = Path(mount.source)
+        target = self._taken_now.get(key)
+        if target is None:
+            target = self._take_lvm_snapshot(volume, mount)
+            self._taken_now[key] = target
+        # The snapshot holds the whole filesystem; the mount may show a part of it.
+        inside = posixpath.join(
+            mount.root, os.path.relpath(os.path.realpath(path), mount.mount_point)
+        )
+        self.binds.append((os.fspath(target / inside.lstrip("/")), path))
+
+    def _take_lvm_snapshot(self, volume: snapshots.LogicalVolume, mount: snapshots.Mount) -> Path:
+        """Snapshot ``volume`` and mount the snapshot read-only; returns where."""
+        name = re.sub(r"[^A-Za-z0-9+_.-]", "_", f"homesafe-{self._next_name()}")[:120]
+        wanted = snapshots.LogicalVolume(volume.volume_group, name)
+        # Recorded before it is made: the guard skips the undo if it never came to be.
+        entry = journal.active().record(
+            journal.COMMAND,
+            {
+                "description": f"LVM snapshot {wanted.full_name} of {volume.full_name}",
+                "undo": snapshots.lvm_remove_argv(wanted),
+                "if_exists": f"/dev/{wanted.full_name}",
+            },
+        )
+        try:
+            taken = snapshots.take_lvm_snapshot(volume, name)
+        except HomesafeError:
+            # lvcreate may have made it before failing (to activate it, say).
+            with contextlib.suppress(HomesafeError):
+                snapshots.delete_lvm_snapshot(wanted)
+            if not os.path.lexists(f"/dev/{wanted.full_name}"):
+                journal.active().undone(entry)
+            raise
+        self._lvm_snapshots.append((taken, entry))
+        mounts = locations.ensure_home() / "mnt"
+        mounts.mkdir(mode=0o700, exist_ok=True)
+        target = mounts / name
+        self._make_holder(target, "a snapshot mount")
+        snapshots.mount(
+            taken.device or f"/dev/{taken.full_name}",
+            target,
+            options=snapshots.snapshot_mount_options(mount.filesystem_type),
+            filesystem=mount.filesystem_type,
+        )
+        # Recorded once mounted: an unmount of nothing would fail every recovery.
+        unmount = journal.active().record(
+            journal.COMMAND,
+            {"description": f"unmount {target}", "undo": snapshots.unmount_argv(target)},
+        )
+        self._lvm_mounts.append((target, unmount))
+        return target
 
     def _make_holder(self, holder: Path, purpose: str) -> None:
         """Make ``holder`` (the directory snapshots or clones go in) if it is missing;
@@ -553,6 +622,24 @@ class Captures:
         """Delete every snapshot, clone and staged copy of this run (the journal keeps
         what cannot be deleted, for ``homesafe recover``)."""
         failures = []
+        for target, entry in reversed(self._lvm_mounts):
+            try:
+                snapshots.unmount(target)
+            except HomesafeError as error:
+                failures.append(f"{target}: {error.message}")
+                logger.warning("could not unmount the snapshot at %s: %s", target, error.message)
+            else:
+                journal.active().undone(entry)
+        self._lvm_mounts.clear()
+        for volume, entry in reversed(self._lvm_snapshots):
+            try:
+                snapshots.delete_lvm_snapshot(volume)
+            except HomesafeError as error:
+                failures.append(f"{volume.full_name}: {error.message}")
+                logger.warning("could not remove %s: %s", volume.full_name, error.message)
+            else:
+                journal.active().undone(entry)
+        self._lvm_snapshots.clear()
         for path, entry in reversed(self._snapshots):
             try:
                 snapshots.delete_subvolume(path)

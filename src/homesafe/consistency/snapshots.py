@@ -20,7 +20,9 @@ the directory whose inode is 256, the root of every btrfs subvolume
 scratch files (:func:`supports_reflink`); clones are made by ``cp --reflink=always``.
 
 LVM thin snapshots cannot be exercised where homesafe is developed (no device-mapper in
-that kernel): their argv builders and report parsing are tested, the calls are not.
+that kernel): their argv builders and report parsing are tested, the calls are not. A
+filesystem is taken to be on a thin volume (:func:`thin_volume_of`) when its device is
+a device-mapper one (by its major number) and ``lvs`` says it is thin.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -95,6 +99,7 @@ __all__ = [
     "take_lvm_snapshot",
     "take_snapshot",
     "temporary_mount",
+    "thin_volume_of",
     "unmount",
     "unmount_argv",
 ]
@@ -108,6 +113,7 @@ BTRFS_TOP_LEVEL_ID = 5
 # filesystem; filesystems without reflinks answer EOPNOTSUPP (or EXDEV, EINVAL).
 FICLONE = 0x40049409
 MOUNTINFO = Path("/proc/self/mountinfo")
+PROC_DEVICES = Path("/proc/devices")
 # A snapshot or a deletion commits a btrfs transaction: seconds on a busy disk, but
 # never minutes; a hung command must not hold an app still for ever.
 COMMAND_TIMEOUT = 600.0
@@ -811,3 +817,46 @@ def take_lvm_snapshot(volume: LogicalVolume, name: str) -> LogicalVolume:
 def delete_lvm_snapshot(volume: LogicalVolume) -> None:
     """Remove the LVM snapshot ``volume`` (unmount it first)."""
     _run(lvm_remove_argv(volume), f"remove the LVM snapshot {volume.full_name}")
+
+
+@functools.cache
+def _device_mapper_majors() -> frozenset[int]:
+    """The major numbers of device-mapper block devices (``/proc/devices``)."""
+    try:
+        text = PROC_DEVICES.read_text()
+    except OSError:
+        return frozenset()
+    _, _, block = text.partition("Block devices:")
+    majors = set()
+    for line in block.splitlines():
+        number, _, name = line.strip().partition(" ")
+        if name.strip() == "device-mapper" and number.isdigit():
+            majors.add(int(number))
+    return frozenset(majors)
+
+
+def is_device_mapper(device: str | os.PathLike[str]) -> bool:
+    """Whether ``device`` is a device-mapper block device (LVM volumes are)."""
+    try:
+        status = os.stat(device)
+    except OSError:
+        return False
+    return stat.S_ISBLK(status.st_mode) and os.major(status.st_rdev) in _device_mapper_majors()
+
+
+@functools.cache
+def _thin_volume_of_device(device: str) -> LogicalVolume | None:
+    # Cached: plans are made again while apps are held still, and lvs takes a while.
+    if not is_device_mapper(device) or shutil.which("lvs") is None:
+        return None
+    try:
+        volume = logical_volume_of(device)
+    except SnapshotError:
+        return None
+    return volume if volume.is_thin else None
+
+
+def thin_volume_of(path: str | os.PathLike[str]) -> LogicalVolume | None:
+    """The LVM thin volume the filesystem holding ``path`` is mounted from, or None
+    (another kind of device, no ``lvs``, a thick volume). Asked once per device."""
+    return _thin_volume_of_device(mount_of(path).source)
