@@ -9,8 +9,9 @@ filesystems (root only):
   ``CLOCK_MONOTONIC`` time stamp; the app's manifest declares it as ``type = "runit"``;
 * per strategy, ``homesafe backup APP --strategy S --json`` (the whole command, as a
   subprocess): ``snapshot`` with the data in a btrfs subvolume, ``clone`` on XFS made
-  with ``reflink=1``, ``stop`` (homesafe's staged copy: rsync while the app runs, then,
-  stopped, once more for what changed, and resume) on ext4. For each run: the
+  with ``reflink=1``, ``stop`` (homesafe's staged copy: rsync while the app runs, brought
+  up to date while it still runs, then, stopped, once more for what changed, and
+  resume) on ext4. For each run: the
   ``downtime_seconds`` homesafe reports for the app, the writer's own view of it (the
   gap between its last write before it was stopped and its first write after it came
   back), the wall clock of the whole command, and the bytes the writer wrote between the
