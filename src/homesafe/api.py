@@ -1649,12 +1649,14 @@ def restore_full(
     mount_point: str | os.PathLike[str] = "/",
     subvolume_name: str | None = None,
     on_progress: ProgressCallback | None = None,
+    check_space: bool = True,
 ) -> OperationResult:
     """Restore a full-system archive into a new btrfs subvolume next to the one mounted
     at ``mount_point`` and make it the default subvolume (used from the next mount, the
     next boot for ``/``); the old subvolume is kept and the result's ``rollback`` and
-    ``notes`` say how to switch back. Returns a :class:`homesafe.full.FullSystemResult`;
-    see :mod:`homesafe.full`."""
+    ``notes`` say how to switch back. An archive larger than the free space is refused
+    first unless ``check_space`` is False. Returns a
+    :class:`homesafe.full.FullSystemResult`; see :mod:`homesafe.full`."""
     from homesafe import full
 
     full.source_subvolume(mount_point)  # not a subvolume: raise, before any engine call
@@ -1664,4 +1666,5 @@ def restore_full(
         mount_point=mount_point,
         subvolume_name=subvolume_name,
         on_progress=on_progress,
+        check_space=check_space,
     )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -48,6 +49,8 @@ from homesafe.engines.base import ArchiveStats, ProgressCallback
 from homesafe.errors import EngineError, HomesafeError, UsageError
 from homesafe.repositories import Repository
 from homesafe.sources import EngineSource
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SNAPSHOT_DIRECTORY",
@@ -560,9 +563,14 @@ def restore_full(
     mount_point: str | os.PathLike[str] = "/",
     subvolume_name: str | None = None,
     on_progress: ProgressCallback | None = None,
+    check_space: bool = True,
 ) -> FullSystemResult:
     """Restore the full-system archive ``archive_name`` into a new btrfs subvolume next
     to the one mounted at ``mount_point``, and make it the default subvolume.
+
+    ``check_space``: refuse first, with :class:`~homesafe.restore.InsufficientSpaceError`
+    and nothing changed, when the archive's original size does not fit in the
+    filesystem's free space (see :func:`_require_space`).
 
     ``subvolume_name`` names the new subvolume (default ``<current>.restored-<UTC
     time>``). Nothing mounted changes: the next mount without ``subvol=`` shows the
@@ -597,6 +605,8 @@ def restore_full(
     )
     previous_default = snapshots.default_subvolume_id(current.path)
     result.previous_default_id = previous_default
+    if check_space:
+        _require_space(repository, archive_name, current)
     with _parent_directory(current) as (parent, reached):
         target = parent / new_name
         if os.path.lexists(target):
@@ -653,6 +663,41 @@ def restore_full(
     result.duration = time.monotonic() - started
     _record(result)
     return result
+
+
+def _require_space(repository: Repository, archive_name: str, current: Subvolume) -> None:
+    """Refuse, before a subvolume is made, a full restore that cannot fit: the archive's
+    original size (``borg info``) and a margin against the filesystem's free space.
+
+    A filesystem mounted with compression may hold more than that says: there the check
+    only warns in the log, and a restore that runs out of space is undone (the new
+    subvolume deleted)."""
+    from homesafe.restore import SPACE_MARGIN_BYTES, InsufficientSpaceError
+
+    argv = [borg.BORG, "info", "--log-json", "--json"]
+    completed = borg.run_borg(repository, [*argv, borg.archive_argument(repository, archive_name)])
+    try:
+        size = int(json.loads(completed.stdout)["archives"][0]["stats"]["original_size"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        logger.warning("borg info gave no size for %s: free space not checked", archive_name)
+        return
+    status = os.statvfs(current.path)
+    free = status.f_bavail * status.f_frsize
+    needed = size + SPACE_MARGIN_BYTES
+    if needed <= free:
+        return
+    message = (
+        f"not enough space to restore {archive_name}: it holds {size / 1e9:.2f} GB and "
+        f"the filesystem of {current.path} has {free / 1e9:.2f} GB free"
+    )
+    if any(option.startswith("compress") for option in current.mount.super_options):
+        logger.warning("%s (it is compressed: trying anyway)", message)
+        return
+    raise InsufficientSpaceError(
+        f"{message}. Nothing was changed.",
+        hint="Free space on that filesystem (old snapshots or subvolumes hold blocks), or "
+        "pass --no-space-check if its compression will make the archive fit.",
+    )
 
 
 def _describe_restore(

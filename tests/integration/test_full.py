@@ -297,12 +297,34 @@ def test_failed_restore_removes_the_new_subvolume_and_keeps_the_default(
     assert backup.status == "ok", backup.to_dict()
     _fill(system.root, leave=24 * 1024 * 1024)
 
-    restored = api.restore_full(backup.archive, mount_point=system.root, subvolume_name="@new")
+    # Past the free-space check (as for a compressed filesystem), into a full disk.
+    restored = api.restore_full(
+        backup.archive, mount_point=system.root, subvolume_name="@new", check_space=False
+    )
     assert restored.status == "failed" and restored.exit_code == 1
     assert "incomplete" in restored.errors[0].message or "No space" in restored.errors[0].message
     assert restored.new_subvolume_id is None
     assert snapshots.default_subvolume_id(system.root) == system.root_id
     assert "@new" not in [name for _, name in _listed(system)]
+    _nothing_left_open(system)
+
+
+def test_restore_larger_than_the_free_space_is_refused_before_anything(system: System) -> None:
+    from homesafe.restore import InsufficientSpaceError
+
+    (system.root / "var" / "lib" / "app" / "data.bin").write_bytes(os.urandom(96 * 1024 * 1024))
+    backup = api.backup_full(system.root)
+    assert backup.status == "ok", backup.to_dict()
+    _fill(system.root, leave=48 * 1024 * 1024)
+    subvolumes_before = _listed(system)
+
+    with pytest.raises(InsufficientSpaceError, match="not enough space") as refused:
+        api.restore_full(backup.archive, mount_point=system.root, subvolume_name="@new")
+
+    assert "Nothing was changed" in refused.value.message
+    assert "--no-space-check" in (refused.value.hint or "")
+    assert _listed(system) == subvolumes_before
+    assert snapshots.default_subvolume_id(system.root) == system.root_id
     _nothing_left_open(system)
 
 

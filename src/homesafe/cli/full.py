@@ -99,12 +99,20 @@ def full_backup_command(
     metavar="NAME",
     help="Name of the new subvolume (default: <current name>.restored-<UTC time>).",
 )
+@click.option(
+    "--no-space-check",
+    "skip_space_check",
+    is_flag=True,
+    help="Do not refuse an archive larger than the free space (a compressed filesystem "
+    "may hold it; a restore that runs out of space is undone).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @repository_option
 def full_restore_command(
     archive: str,
     mount_point: Path,
     subvolume_name: str | None,
+    skip_space_check: bool,
     as_json: bool,
     repository_name: str | None,
 ) -> None:
@@ -116,7 +124,8 @@ def full_restore_command(
     mounted now changes, and the old subvolume is kept: the output prints the command
     that switches back. If /etc/fstab or the kernel command line names the root
     subvolume (subvol=...), the output says what to change. A failed extraction removes
-    the new subvolume and leaves the default as it was.
+    the new subvolume and leaves the default as it was; an archive larger than the
+    filesystem's free space is refused before anything is made (--no-space-check).
     """
     from homesafe import api
 
@@ -127,6 +136,7 @@ def full_restore_command(
             mount_point=mount_point,
             subvolume_name=subvolume_name,
             on_progress=on_progress,
+            check_space=not skip_space_check,
         )
     _finish(result, as_json)
 
