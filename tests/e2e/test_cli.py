@@ -164,7 +164,7 @@ def test_dry_run_touches_nothing(apps: Path) -> None:
             assert entry["strategy"] == "snapshot"
         else:
             assert entry["strategy"] is None
-            assert f"is on {kind}, not btrfs" in entry["problem"]
+            assert f"is on {kind}, neither btrfs nor an LVM thin volume" in entry["problem"]
     text = homesafe("backup", "--dry-run", "--strategy", "stop")
     assert text.returncode == 0, text.stderr
     assert "strategy: " in text.stdout
