@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -49,6 +51,7 @@ from homesafe.errors import (
     HomesafeError,
     ManifestError,
     PassphraseError,
+    RepositoryLockedError,
     RepositoryNotFoundError,
     UsageError,
 )
@@ -95,6 +98,8 @@ __all__ = [
     "set_setting",
     "verify_archive",
 ]
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
 Status = Literal["ok", "failed", "skipped"]
@@ -415,9 +420,11 @@ def _ensure_repository(repository: Repository) -> None:
     engine.initialize(repository)
 
 
-def _tree_size(path: str) -> int:
-    """Apparent size of ``path`` and everything below it; symlinks are not followed."""
+def _tree_size(path: str) -> archives.PathSize:
+    """Apparent size of ``path`` and everything below it, and how many entries (files,
+    directories, links) it holds; symlinks are not followed."""
     total = 0
+    entries = 0
     stack = [path]
     while stack:
         current = stack.pop()
@@ -425,25 +432,31 @@ def _tree_size(path: str) -> int:
             status = os.lstat(current)
         except OSError:
             continue
+        entries += 1
         total += status.st_size if not os.path.isdir(current) or os.path.islink(current) else 0
         if os.path.isdir(current) and not os.path.islink(current):
             try:
-                with os.scandir(current) as entries:
-                    for entry in entries:
+                with os.scandir(current) as found:
+                    for entry in found:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
                         else:
+                            entries += 1
                             with contextlib.suppress(OSError):
                                 total += entry.stat(follow_symlinks=False).st_size
             except OSError:
                 pass
-    return total
+    return archives.PathSize(total, entries)
 
 
 def _measure_sizes(
-    apps: Sequence[App], results: dict[str, AppResult], on_progress: ProgressCallback | None
+    apps: Sequence[App],
+    results: dict[str, AppResult],
+    on_progress: ProgressCallback | None,
+    path_sizes: dict[str, archives.PathSize],
 ) -> Callable[[], None]:
-    """Measure each app's size; returns what to call once the engine is done.
+    """Measure each app's size (and each path's, into ``path_sizes``); returns what to
+    call once the engine is done.
 
     With a progress bar, sizes are measured in a thread while the engine reads, so
     that the bar learns its total early. Without one, they are measured afterwards:
@@ -453,7 +466,9 @@ def _measure_sizes(
 
     def measure() -> None:
         for app in apps:
-            results[app.id].size = sum(_tree_size(path) for path in results[app.id].paths)
+            for path in results[app.id].paths:
+                path_sizes[path] = _tree_size(path)
+            results[app.id].size = sum(path_sizes[path].bytes for path in results[app.id].paths)
         if on_progress is not None:
             total = sum(results[app.id].size for app in apps)
             on_progress(Progress("create", current=None, total=total))
@@ -463,6 +478,28 @@ def _measure_sizes(
     thread = threading.Thread(target=measure, name="measure-sizes", daemon=True)
     thread.start()
     return thread.join
+
+
+def _record_archive(
+    repositories: Sequence[Repository],
+    result: OperationResult,
+    staging: Path,
+    path_sizes: dict[str, archives.PathSize],
+) -> None:
+    """Keep a local record of the archive just written to each borg repository that
+    has it (see :mod:`homesafe.archives`), so that restoring it here needs no reading
+    of the archive before extracting. A record that cannot be written is only missed."""
+    written = {d.repository for d in result.destinations if d.status == "ok"}
+    for repository in repositories:
+        if repository.engine != "borg" or (written and repository.name not in written):
+            continue
+        directory = archives.record_directory(locations.home(), repository.name, result.archive)
+        if directory is None:
+            continue
+        try:
+            archives.save_record(directory, staging, repository.location, path_sizes)
+        except OSError as error:
+            logger.warning("could not keep a record of archive %s: %s", result.archive, error)
 
 
 def _now() -> str:
@@ -550,7 +587,8 @@ def backup_apps(
             included = [app for app in selected if results[app.id].active]
             paths = [path for app in included for path in results[app.id].paths]
             packet.apps = included
-            finish_sizes = _measure_sizes(included, results, on_progress)
+            path_sizes: dict[str, archives.PathSize] = {}
+            finish_sizes = _measure_sizes(included, results, on_progress, path_sizes)
             if included:
                 _write_backup_metadata(Path(staging), name, comment, included, results, settings)
                 summary = archives.comment_summary([a.id for a in included], comment, periods)
@@ -569,6 +607,8 @@ def backup_apps(
                     result.engine_stats = stats
                     _attribute_warnings(stats.warnings, included, results)
             finish_sizes()
+            if included and handler is None:
+                _record_archive(targets, result, Path(staging), path_sizes)
             _run_hooks("backup_post", included, results, packet)
         except EngineError as error:
             for app in selected:
@@ -945,6 +985,8 @@ class _RestoreRun:
     plans: dict[str, restore.AppPlan] = field(default_factory=dict)
     swaps: dict[str, restore.Swap] = field(default_factory=dict)
     previous_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The local record the plans were made from; the archive is read while staging.
+    record: archives.ArchiveRecord | None = None
 
     @property
     def live(self) -> bool:
@@ -964,14 +1006,29 @@ def _prepare_restore(
     force: bool,
     *,
     check_space: bool = True,
+    use_record: bool = False,
 ) -> _RestoreRun:
-    """Everything decided before anything is changed: apps, refusals, plan, space."""
+    """Everything decided before anything is changed: apps, refusals, plan, space.
+
+    With ``use_record``, an archive this host wrote and kept a record of is planned
+    from that record, without reading the archive (see :func:`_stage_from_record`).
+    """
     target = Path(target_root).resolve()
     if not target.is_dir():
         raise HomesafeError(f"target root {target} is not a directory")
     live = str(target) == "/"
     local = apps if apps is not None else _local_apps_or_none(live)
-    description, listing = _describe_and_list(source, local)
+    record = _archive_record(source) if use_record else None
+    known = [app.manifest for app in (local or {}).values()]
+    recorded = (
+        archives.describe_extracted(record.directory, source.label, known) if record else None
+    )
+    listing: list[ArchiveEntry] = []
+    if recorded is not None:
+        description = recorded
+    else:
+        record = None
+        description, listing = _describe_and_list(source, local)
     stored_apps = _stored_apps(description, local)
     selected = _select_from_archive(stored_apps, app_ids)
     if isinstance(source, TarSource):
@@ -985,17 +1042,95 @@ def _prepare_restore(
     }
     result.apps = [results[app.id] for app in selected]
     run = _RestoreRun(source, target, force, result, results, description.apps, selected)
+    run.record = record
     for app in selected:
         _check_version(app, (local or {}).get(app.id), force, results[app.id])
-    run.plans = {
-        plan.app_id: plan
-        for plan in restore.plan(
+    if record is not None:
+        plans = restore.plan_from_record(
+            [
+                (app.id, app.manifest.owned_paths(), description.apps[app.id].paths)
+                for app in run.active()
+            ],
+            record.sizes,
+            target,
+        )
+    else:
+        plans = restore.plan(
             [(app.id, app.manifest.owned_paths()) for app in run.active()], listing, target
         )
-    }
+    run.plans = {plan.app_id: plan for plan in plans}
     if check_space:
         restore.require_space(run.plans[app.id] for app in run.active())
     return run
+
+
+class _StaleRecord(Exception):
+    """The local record a restore was planned from does not describe the archive."""
+
+
+def _archive_record(source: ArchiveSource) -> archives.ArchiveRecord | None:
+    """The local record of the archive ``source`` reads, if this host kept one (borg
+    repositories only)."""
+    if not isinstance(source, EngineSource) or source.repository.engine != "borg":
+        return None
+    directory = archives.record_directory(
+        locations.home(), source.repository.name, source.archive_name
+    )
+    return archives.load_record(directory, source.repository.location)
+
+
+def _stage_from_record(
+    run: _RestoreRun, plans: list[restore.AppPlan], on_progress: ProgressCallback | None
+) -> list[str]:
+    """Stage plans made from a record, and read the archive meanwhile: its listing (of
+    the apps' paths) and homesafe's own files, by two more engine calls side by side
+    with the extraction. Returns the extraction's warnings.
+
+    Before anything is verified or swapped, the archive's own ``.homesafe/`` files must
+    equal the record's byte for byte and the listing must hold no path the plans took
+    for not archived; otherwise :class:`_StaleRecord` (staging is removed by the
+    caller). The plans get their entries from the listing, so that verification is as
+    exact as without a record. Each call waits SIDE_BY_SIDE_LOCK_WAIT seconds at most
+    for the repository lock (calls meeting on borg's lock roster would otherwise sleep
+    a tenth of the whole lock wait); one that still finds the repository locked is
+    made again afterwards, alone, with the repository's own lock wait.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert run.record is not None and isinstance(run.source, EngineSource)
+    source = run.source
+    hasty = source.hasty()
+    paths = sorted({path.archive_path for plan in plans for path in plan.paths})
+
+    def listing(reader: EngineSource) -> list[ArchiveEntry]:
+        return reader.listing(paths) if paths else []
+
+    def read(call: Callable[[EngineSource], Any]) -> Any:
+        try:
+            return call(hasty)
+        except RepositoryLockedError:
+            return None  # made again below, with the whole lock wait
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-read") as pool:
+        listed = pool.submit(read, listing)
+        stored = pool.submit(read, EngineSource.metadata_files)
+        try:
+            warnings = restore.stage(plans, hasty, on_progress)
+        except RepositoryLockedError:
+            warnings = None
+        # Both reads end before anything else happens, whatever the extraction did.
+        entries, files = listed.result(), stored.result()
+    if warnings is None:
+        warnings = restore.stage(plans, source, on_progress)
+    if entries is None:
+        entries = listing(source)
+    if files is None:
+        files = source.metadata_files()
+    if files != archives.metadata_files(run.record.directory):
+        raise _StaleRecord()
+    if restore.attach_listing(plans, entries):
+        raise _StaleRecord()
+    return list(warnings)
 
 
 def _tar_member_filter(description: archives.ArchiveDescription) -> Callable[[str], bool]:
@@ -1031,7 +1166,10 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
     try:
         plans = [run.plans[app.id] for app in run.active()]
         try:
-            warnings = restore.stage(plans, run.source, on_progress)
+            if run.record is not None:
+                warnings = _stage_from_record(run, plans, on_progress)
+            else:
+                warnings = restore.stage(plans, run.source, on_progress)
         except EngineError as error:
             for app in run.active():
                 run.results[app.id].fail("engine", error.message)
@@ -1159,8 +1297,18 @@ def restore_apps(
     """
     repository = _existing_repository(repository)
     source = EngineSource(repository, archive_name)
-    run = _prepare_restore(source, archive_name, repository.name, app_ids, target_root, apps, force)
-    result = _run_restore(run, on_progress)
+    arguments = (source, archive_name, repository.name, app_ids, target_root, apps, force)
+    run = _prepare_restore(*arguments, use_record=True)
+    try:
+        result = _run_restore(run, on_progress)
+    except _StaleRecord:
+        # The record was not the archive's (nothing was changed, staging is removed):
+        # read the archive itself, as for an archive this host has no record of.
+        logger.warning("the local record of archive %s is stale; reading the archive", archive_name)
+        if run.record is not None:
+            shutil.rmtree(run.record.directory, ignore_errors=True)
+        run = _prepare_restore(*arguments)
+        result = _run_restore(run, on_progress)
     _record_in_history(result)
     return result
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from homesafe import journal, locations
+from homesafe.archives import PathSize
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
 from homesafe.errors import HomesafeError
 from homesafe.manifest import is_inside
@@ -157,6 +158,8 @@ class PathPlan:
     target: Path
     in_archive: bool
     area: StagingArea
+    # Bytes it will take once staged, when planned from a record (no listing yet).
+    expected_bytes: int = 0
 
     @property
     def archive_path(self) -> str:
@@ -180,6 +183,8 @@ class AppPlan:
     app_id: str
     paths: list[PathPlan]
     entries: list[ArchiveEntry]
+    # False while planned from a record: ``entries`` come with the listing, later.
+    listed: bool = True
 
     @property
     def size(self) -> int:
@@ -214,6 +219,56 @@ def plan(
     return plans
 
 
+def plan_from_record(
+    apps: Iterable[tuple[str, list[str], list[str] | None]],
+    sizes: dict[str, PathSize],
+    target_root: Path,
+) -> list[AppPlan]:
+    """Plan the restore of ``(app id, paths, captured paths)`` from the local record of
+    an archive (see :mod:`homesafe.archives`), before its listing is known: a path is
+    taken for archived when it was captured (None: every path was), and its staged size
+    for what was measured at backup time. :func:`attach_listing` completes the plans.
+    """
+    areas: dict[int, StagingArea] = {}
+    plans = []
+    for app_id, paths, captured in apps:
+        path_plans = []
+        for path in paths:
+            target = target_root / path.lstrip("/")
+            anchor = nearest_existing(target.parent)
+            device = os.stat(anchor).st_dev
+            area = areas.setdefault(device, StagingArea(device, anchor))
+            in_archive = captured is None or path in captured
+            size = sizes.get(path)
+            expected = size.bytes + size.entries * BLOCK_OVERHEAD_BYTES if size else 0
+            path_plans.append(PathPlan(path, target, in_archive, area, expected))
+        plans.append(AppPlan(app_id, path_plans, [], listed=False))
+    return plans
+
+
+def attach_listing(plans: Iterable[AppPlan], listing: list[ArchiveEntry]) -> list[str]:
+    """Complete plans made by :func:`plan_from_record` with the archive's ``listing``
+    (of at least their paths): each app's entries, for :func:`verify`.
+
+    A path planned as archived that the listing lacks is not archived (nothing of it
+    was extracted). Returns the paths the listing holds but the plans took for not
+    archived: they were not extracted, so the plans cannot be used (empty: all is well).
+    """
+    by_path = {entry.path for entry in listing}
+    missed = []
+    for app_plan in plans:
+        entries: list[ArchiveEntry] = []
+        for path_plan in app_plan.paths:
+            listed = path_plan.archive_path in by_path
+            if listed and not path_plan.in_archive:
+                missed.append(path_plan.path)
+            path_plan.in_archive = listed
+            entries += [e for e in listing if is_inside(e.path, path_plan.archive_path)]
+        app_plan.entries = entries
+        app_plan.listed = True
+    return missed
+
+
 @dataclass
 class SpaceCheck:
     """Free space against need, for one filesystem."""
@@ -228,15 +283,21 @@ class SpaceCheck:
 
 
 def check_space(plans: Iterable[AppPlan]) -> list[SpaceCheck]:
-    """What each filesystem needs and has; staging never overwrites, so it needs it all."""
+    """What each filesystem needs and has; staging never overwrites, so it needs it all.
+
+    Needs come from the listing, or, for plans made from a record, from the sizes
+    measured at backup time."""
     needs: dict[int, tuple[StagingArea, int]] = {}
     for app_plan in plans:
         for path_plan in app_plan.paths:
-            size = sum(
-                entry.size + BLOCK_OVERHEAD_BYTES
-                for entry in app_plan.entries
-                if is_inside(entry.path, path_plan.archive_path)
-            )
+            if not app_plan.listed:
+                size = path_plan.expected_bytes if path_plan.in_archive else 0
+            else:
+                size = sum(
+                    entry.size + BLOCK_OVERHEAD_BYTES
+                    for entry in app_plan.entries
+                    if is_inside(entry.path, path_plan.archive_path)
+                )
             area, total = needs.get(path_plan.area.device, (path_plan.area, 0))
             needs[path_plan.area.device] = (area, total + size)
     checks = []
