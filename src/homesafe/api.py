@@ -987,6 +987,8 @@ class _RestoreRun:
     previous_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The local record the plans were made from; the archive is read while staging.
     record: archives.ArchiveRecord | None = None
+    # Staging areas (and the replaced copies in them) removed by a detached process.
+    detached_removal: bool = False
 
     @property
     def live(self) -> bool:
@@ -1208,11 +1210,13 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
             if not run.results[app.id].active and app.id in run.swaps:
                 _roll_back(run, app, quiesced.stopped.get(app.id, []))
         for app in run.active():
-            run.swaps.pop(app.id).commit()
+            run.swaps.pop(app.id).commit(discard_previous=not run.detached_removal)
             run.results[app.id].paths = app.manifest.owned_paths()
             run.results[app.id].size = run.plans[app.id].size
     finally:
-        restore.remove_staging(run.plans.values(), keep_if_unrolled=run.swaps.values())
+        restore.remove_staging(
+            run.plans.values(), keep_if_unrolled=run.swaps.values(), detached=run.detached_removal
+        )
         run.result.duration = time.monotonic() - started_clock
     return run.result
 
@@ -1280,6 +1284,7 @@ def restore_apps(
     apps: dict[str, App] | None = None,
     force: bool = False,
     on_progress: ProgressCallback | None = None,
+    remove_in_background: bool = False,
 ) -> OperationResult:
     """Restore the named apps (every app in the archive when none is named).
 
@@ -1294,11 +1299,16 @@ def restore_apps(
     the live system. Data newer than the installed app is refused unless ``force``.
     Refusals that concern the whole restore (no space, unknown apps) raise before
     anything is changed.
+
+    The copies the restore replaced are removed once it is final; with
+    ``remove_in_background`` (what the CLI does) by a detached process, so that this
+    call returns without waiting for it (see :func:`restore.remove_detached`).
     """
     repository = _existing_repository(repository)
     source = EngineSource(repository, archive_name)
     arguments = (source, archive_name, repository.name, app_ids, target_root, apps, force)
     run = _prepare_restore(*arguments, use_record=True)
+    run.detached_removal = remove_in_background
     try:
         result = _run_restore(run, on_progress)
     except _StaleRecord:
@@ -1308,6 +1318,7 @@ def restore_apps(
         if run.record is not None:
             shutil.rmtree(run.record.directory, ignore_errors=True)
         run = _prepare_restore(*arguments)
+        run.detached_removal = remove_in_background
         result = _run_restore(run, on_progress)
     _record_in_history(result)
     return result

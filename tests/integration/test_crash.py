@@ -516,6 +516,37 @@ def test_restore_interrupted_after_the_swap_rolls_back_before_exiting(
     assert recover_json()["actions"] == []
 
 
+def test_detached_removal_killed_half_way_is_finished_by_recover(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """The process removing the replaced copies (``remove_in_background``) journals
+    them before the restore returns; SIGKILLed half-way, it leaves a journal that
+    recovery finishes: the staging area gone, the restored app untouched."""
+    base = homesafe_env / "srv" / "bulky"
+    make_tree(base, {f"d{number % 50}/f{number}": b"x" for number in range(20_000)})
+    write_manifest("bulky", to_toml({"id": "bulky", "data": {"directories": [str(base)]}}))
+    backup = api.backup_apps()
+    assert backup.status == "ok", describe(backup)
+    restored = tree(base)
+    (base / "d0" / "f0").write_bytes(b"changed")
+    home = homesafe_env / "home"
+
+    result = api.restore_apps(backup.archive, remove_in_background=True)
+    (remover_journal,) = os.listdir(home / "journal")
+    remover = int(remover_journal.split("-")[1].split(".")[0])
+    assert remover != os.getpid()
+    os.kill(remover, signal.SIGKILL)
+    wait_until(lambda: not alive(remover))
+
+    assert result.status == "ok", describe(result)
+    report = journal.recover()
+    assert report.failed == [], report.lines()
+    assert [action.kind for action in report.actions] == ["temporary_directory"]
+    assert os.listdir(home / "journal") == []
+    assert list((home / "tmp").iterdir()) == []
+    assert tree(base) == restored
+
+
 def test_recover_with_nothing_to_do(crash_app: CrashApp) -> None:
     completed = homesafe("recover")
     assert completed.returncode == 0

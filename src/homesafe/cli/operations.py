@@ -174,6 +174,7 @@ def restore_command(
             target_root=target_root,
             force=force,
             on_progress=on_progress,
+            remove_in_background=True,
         )
     _finish(result, as_json)
 
