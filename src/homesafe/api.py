@@ -749,6 +749,7 @@ def _write_backup_metadata(
         )
     metadata = archives.build_metadata(archive_name=name, comment=comment, apps=entries)
     archives.write_metadata(staging, metadata, {app.id: settings[app.id] for app in included})
+    archives.write_run_marker(staging)
 
 
 def _create(
@@ -1084,53 +1085,49 @@ def _archive_record(source: ArchiveSource) -> archives.ArchiveRecord | None:
 def _stage_from_record(
     run: _RestoreRun, plans: list[restore.AppPlan], on_progress: ProgressCallback | None
 ) -> list[str]:
-    """Stage plans made from a record, and read the archive meanwhile: its listing (of
-    the apps' paths) and homesafe's own files, by two more engine calls side by side
-    with the extraction. Returns the extraction's warnings.
+    """Stage plans made from a record, and list the archive meanwhile (the apps' paths
+    and the run marker) by a second engine call side by side with the extraction.
+    Returns the extraction's warnings.
 
-    Before anything is verified or swapped, the archive's own ``.homesafe/`` files must
-    equal the record's byte for byte and the listing must hold no path the plans took
-    for not archived; otherwise :class:`_StaleRecord` (staging is removed by the
-    caller). The plans get their entries from the listing, so that verification is as
-    exact as without a record. Each call waits SIDE_BY_SIDE_LOCK_WAIT seconds at most
-    for the repository lock (calls meeting on borg's lock roster would otherwise sleep
-    a tenth of the whole lock wait); one that still finds the repository locked is
-    made again afterwards, alone, with the repository's own lock wait.
+    Before anything is verified or swapped, the archive's run marker must be the
+    record's (the archive is the very one this host wrote and recorded) and the listing
+    must hold no path the plans took for not archived; otherwise :class:`_StaleRecord`
+    (staging is removed by the caller). The plans get their entries from the listing,
+    so that verification is as exact as without a record. Both calls wait
+    SIDE_BY_SIDE_LOCK_WAIT seconds at most for the repository lock (calls meeting on
+    borg's lock roster would otherwise sleep a tenth of the whole lock wait); one that
+    still finds the repository locked is made again afterwards, alone, with the
+    repository's own lock wait.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     assert run.record is not None and isinstance(run.source, EngineSource)
     source = run.source
     hasty = source.hasty()
-    paths = sorted({path.archive_path for plan in plans for path in plan.paths})
+    paths = [archives.RUN_MARKER_DIRECTORY]
+    paths += sorted({path.archive_path for plan in plans for path in plan.paths})
 
-    def listing(reader: EngineSource) -> list[ArchiveEntry]:
-        return reader.listing(paths) if paths else []
-
-    def read(call: Callable[[EngineSource], Any]) -> Any:
+    def read_listing() -> list[ArchiveEntry] | None:
         try:
-            return call(hasty)
+            return hasty.listing(paths)
         except RepositoryLockedError:
             return None  # made again below, with the whole lock wait
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-read") as pool:
-        listed = pool.submit(read, listing)
-        stored = pool.submit(read, EngineSource.metadata_files)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-listing") as pool:
+        listed = pool.submit(read_listing)
         try:
             warnings = restore.stage(plans, hasty, on_progress)
         except RepositoryLockedError:
             warnings = None
-        # Both reads end before anything else happens, whatever the extraction did.
-        entries, files = listed.result(), stored.result()
+        # The listing ends before anything else happens, whatever the extraction did.
+        listing = listed.result()
     if warnings is None:
         warnings = restore.stage(plans, source, on_progress)
-    if entries is None:
-        entries = listing(source)
-    if files is None:
-        files = source.metadata_files()
-    if files != archives.metadata_files(run.record.directory):
+    if listing is None:
+        listing = source.listing(paths)
+    if archives.run_markers([entry.path for entry in listing]) != [run.record.run_id]:
         raise _StaleRecord()
-    if restore.attach_listing(plans, entries):
+    if restore.attach_listing(plans, listing):
         raise _StaleRecord()
     return list(warnings)
 

@@ -6,11 +6,16 @@ it was at backup time; ``settings/<app>.json`` holds an app's settings. The arch
 comment carries a compact JSON summary (the app ids and the user's comment) so that
 listing the apps of many archives needs no extraction.
 
+An app archive also holds ``.homesafe/run/<32 hex digits>``, an empty file whose name is
+drawn at random for each backup run (:func:`write_run_marker`): it tells one archive
+from any other of the same name in a listing, without extracting anything.
+
 Besides, the host that wrote an archive keeps a *record* of it (:func:`save_record`,
 under ``$HOMESAFE_HOME/archive-records/<repository>/<archive>/``): a copy of the
-archive's own ``.homesafe/`` files and the size of each captured path as measured after
-the engine read it. A restore on that host plans from the record instead of reading the
-archive first, and checks it against the archive before anything is swapped in.
+archive's own ``.homesafe/`` files (run marker included) and the size of each captured
+path as measured after the engine read it. A restore on that host plans from the record
+instead of reading the archive first, and checks, in the archive's listing, that the
+run marker is the record's before anything is swapped in.
 """
 
 from __future__ import annotations
@@ -161,6 +166,25 @@ def write_metadata(
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     for app_id, values in settings.items():
         (directory / settings_member(app_id)).write_text(json.dumps(values, sort_keys=True))
+
+
+RUN_MARKER_DIRECTORY = f"{METADATA_DIRECTORY}/run"
+
+
+def write_run_marker(directory: Path) -> str:
+    """Write ``.homesafe/run/<id>`` below ``directory``: an empty file named by 128
+    random bits, new for each backup run; returns the id."""
+    run_id = os.urandom(16).hex()
+    marker = directory / RUN_MARKER_DIRECTORY / run_id
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return run_id
+
+
+def run_markers(paths: Sequence[str]) -> list[str]:
+    """The run ids among archive ``paths`` (those of :func:`write_run_marker`)."""
+    prefix = RUN_MARKER_DIRECTORY + "/"
+    return [path[len(prefix) :] for path in paths if path.startswith(prefix)]
 
 
 def build_metadata(
@@ -355,9 +379,11 @@ class PathSize:
 @dataclass
 class ArchiveRecord:
     """A record this host kept of an archive it wrote: ``directory`` holds a copy of
-    the archive's ``.homesafe/`` files, ``sizes`` each captured path's size."""
+    the archive's ``.homesafe/`` files, ``run_id`` its run marker's id, ``sizes`` each
+    captured path's size."""
 
     directory: Path
+    run_id: str
     sizes: dict[str, PathSize]
 
 
@@ -432,16 +458,10 @@ def load_record(directory: Path | None, location: str) -> ArchiveRecord | None:
         }
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
-    return ArchiveRecord(directory, sizes)
-
-
-def metadata_files(root: Path) -> dict[str, bytes]:
-    """Every file below ``root``/.homesafe, by archive path, with its contents: what a
-    record must hold byte for byte to be the archive's."""
-    files = {}
-    base = root / METADATA_DIRECTORY
-    for directory, _, names in os.walk(base):
-        for name in names:
-            path = Path(directory) / name
-            files[str(path.relative_to(root))] = path.read_bytes()
-    return files
+    try:
+        markers = os.listdir(directory / RUN_MARKER_DIRECTORY)
+    except OSError:
+        return None
+    if len(markers) != 1:
+        return None
+    return ArchiveRecord(directory, markers[0], sizes)

@@ -105,15 +105,6 @@ class EngineSource:
         """The archive's entries (those below ``paths`` when given)."""
         return self.engine.list_contents(self.repository, self.archive_name, paths)
 
-    def metadata_files(self) -> dict[str, bytes]:
-        """homesafe's own files in the archive (``.homesafe/``), by archive path, with
-        their contents (see :func:`archives.metadata_files`)."""
-        with scratch_directory("describe-") as directory:
-            self.engine.extract(
-                self.repository, self.archive_name, [archives.METADATA_DIRECTORY], directory
-            )
-            return archives.metadata_files(directory)
-
     def hasty(self) -> EngineSource:
         """This archive, read by engine calls that wait SIDE_BY_SIDE_LOCK_WAIT seconds at
         most for the repository lock (for calls made side by side; see

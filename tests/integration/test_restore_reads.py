@@ -210,7 +210,8 @@ def test_a_restore_here_extracts_first_and_reads_the_archive_meanwhile(
 ) -> None:
     """The backup keeps a record (homesafe's files, each path's size); the restore
     plans from it and starts the extraction before any other borg call has ended, the
-    listing and homesafe's files read beside it; the result is exactly the archive."""
+    listing (which holds the run marker) read beside it; the result is exactly the
+    archive."""
     base = write_app(write_manifest, homesafe_env / "srv", "recorded")
     before = snapshot_tree(base)
     backup = api.backup_apps()
@@ -218,6 +219,10 @@ def test_a_restore_here_extracts_first_and_reads_the_archive_meanwhile(
         record_of(homesafe_env, backup.archive), str(homesafe_env / "home/repository")
     )
     assert record is not None
+    marker = f"{archives.RUN_MARKER_DIRECTORY}/{record.run_id}"
+    assert marker in {
+        entry.path for entry in EngineSource(default_repository(), backup.archive).listing()
+    }
     assert record.sizes[str(base / "data")] == archives.PathSize(len("recorded a\n") + 50_000, 4)
     assert record.sizes[str(base / "secret")] == archives.PathSize(len("secret\n"), 1)
     change_everything(base)
@@ -231,7 +236,7 @@ def test_a_restore_here_extracts_first_and_reads_the_archive_meanwhile(
         "secret\n"
     )
     calls = log.read_text().splitlines()
-    kinds = ("extract", "list", "extract-metadata")
+    kinds = ("extract", "list")
     assert sorted(calls) == sorted(f"{edge} {kind}" for kind in kinds for edge in ("begin", "end"))
     first_end = next(number for number, call in enumerate(calls) if call.startswith("end"))
     assert calls.index("begin extract") < first_end, calls
@@ -241,8 +246,9 @@ def test_a_stale_record_is_found_out_and_the_archive_restored(
     homesafe_env: Path, write_manifest: ManifestWriter
 ) -> None:
     """An archive deleted and written again under the same name (the record kept is
-    the first one's): the restore sees the record is not the archive's, reads the
-    archive, restores exactly what it holds, and drops the stale record."""
+    the first one's, with the same apps and paths): the run marker in the listing
+    tells, the restore reads the archive, restores exactly what it holds, and drops
+    the stale record."""
     base = write_app(write_manifest, homesafe_env / "srv", "renamed")
     api.backup_apps(archive_name="again")
     stale = homesafe_env / "stale-record"
