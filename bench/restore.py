@@ -867,7 +867,7 @@ def write_results(
 # inside one of them (the description and the listing side by side, in two threads).
 # Labels of INSTRUMENTED used in the accounting of homesafe's extra time.
 DESCRIBE_AND_LIST = "description + listing, side by side"
-STAGE_FROM_RECORD = "staging from the record: extract, listing, .homesafe/ side by side"
+STAGE_FROM_RECORD = "staging from the record: extract and listing side by side"
 STAGE = "stage: borg extract into staging (restore.stage)"
 VERIFY = "verification walk (restore.verify)"
 COMMIT = "remove the damaged copies (Swap.commit)"
@@ -878,13 +878,6 @@ INSTRUMENTED: tuple[tuple[str, str | None, str, str, bool], ...] = (
     ("homesafe.sources", "EngineSource", "describe", "description (borg extract .homesafe)", False),
     ("homesafe.sources", "EngineSource", "listing", "listing (borg list, parse)", False),
     ("homesafe.api", None, "_stage_from_record", STAGE_FROM_RECORD, False),
-    (
-        "homesafe.sources",
-        "EngineSource",
-        "metadata_files",
-        "archive's .homesafe/ (borg extract .homesafe)",
-        False,
-    ),
     ("homesafe.restore", None, "attach_listing", "attach the listing", False),
     ("homesafe.api", None, "_local_apps_or_none", "load the installed manifests", True),
     ("homesafe.restore", None, "plan", "plan (restore.plan)", True),
@@ -1175,8 +1168,8 @@ def profile_full_restore(bench: Bench, repeats: int) -> dict[str, Any]:
     print(
         "  start-up: interpreter, imports, exit; describe+list: the two engine calls side by "
         "side\n  (an archive without a local record); stage-raw: staging extract minus the raw "
-        "extract;\n  reads after: the listing and .homesafe/ reads beside the extraction (an "
-        "archive with a\n  record), where they outlast it; verify: verification walk; "
+        "extract;\n  reads after: the listing made beside the extraction (an archive with a "
+        "local\n  record), where it outlasts it; verify: verification walk; "
         "rm damaged: removal of the\n  replaced copies in the command (none when a detached "
         "process removes them); other: the\n  rest of the command (journal, renames, "
         "history, print...)"
