@@ -1586,6 +1586,7 @@ def delete_archives(archive_names: Sequence[str], repository: Repository | None 
     """Delete archives and reclaim their space (borg: delete, then compact)."""
     repository = _existing_repository(repository)
     engine_for(repository.engine).delete(repository, archive_names)
+    archives.forget_records(locations.home(), repository.name, archive_names)
 
 
 def export_archive(
@@ -1697,6 +1698,8 @@ def prune_repository(
     engine = engine_for(repository.engine)
     before = None if dry_run else engine.repository_info(repository).stored_size
     report = engine.prune(repository, policy, dry_run=dry_run)
+    if not dry_run:
+        archives.forget_records(locations.home(), repository.name, report.removed)
     if before is not None:
         report.reclaimed_bytes = before - engine.repository_info(repository).stored_size
     if not dry_run:
@@ -1754,6 +1757,7 @@ def remove_repository(name: str, *, delete_data: bool = False) -> None:
     if delete_data:
         engine_for(repository.engine).destroy(repository)
     unregister_repository(name)
+    archives.forget_repository_records(locations.home(), name)
     if delete_data:
         # Only the secrets homesafe made for it: a file the person named stays.
         if repository.passphrase_file == passphrase_file_for(name):

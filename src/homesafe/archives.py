@@ -435,6 +435,20 @@ def _prune_records(parent: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def forget_records(home: Path, repository_name: str, archive_names: Sequence[str]) -> None:
+    """Remove the records of ``archive_names`` in ``repository_name``: they are gone."""
+    for name in archive_names:
+        directory = record_directory(home, repository_name, name)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def forget_repository_records(home: Path, repository_name: str) -> None:
+    """Remove every record of ``repository_name``: it is forgotten."""
+    if repository_name and "/" not in repository_name and not repository_name.startswith("."):
+        shutil.rmtree(home / RECORDS_DIRECTORY / repository_name, ignore_errors=True)
+
+
 def load_record(directory: Path | None, location: str) -> ArchiveRecord | None:
     """The record in ``directory`` if there is a whole one for a repository at
     ``location``; None otherwise (no record, another repository, unreadable)."""

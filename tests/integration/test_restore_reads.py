@@ -254,6 +254,7 @@ def test_a_stale_record_is_found_out_and_the_archive_restored(
     stale = homesafe_env / "stale-record"
     shutil.copytree(record_of(homesafe_env, "again"), stale)
     api.delete_archives(["again"])
+    assert not record_of(homesafe_env, "again").exists()  # deleting forgets the record
     (base / "data/late.txt").write_text("written after the first backup\n")
     (base / "app.conf").write_text("[renamed]\nsecond = true\n")
     expected = snapshot_tree(base)
