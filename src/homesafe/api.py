@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -49,6 +51,7 @@ from homesafe.errors import (
     HomesafeError,
     ManifestError,
     PassphraseError,
+    RepositoryLockedError,
     RepositoryNotFoundError,
     UsageError,
 )
@@ -95,6 +98,8 @@ __all__ = [
     "set_setting",
     "verify_archive",
 ]
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
 Status = Literal["ok", "failed", "skipped"]
@@ -415,9 +420,11 @@ def _ensure_repository(repository: Repository) -> None:
     engine.initialize(repository)
 
 
-def _tree_size(path: str) -> int:
-    """Apparent size of ``path`` and everything below it; symlinks are not followed."""
+def _tree_size(path: str) -> archives.PathSize:
+    """Apparent size of ``path`` and everything below it, and how many entries (files,
+    directories, links) it holds; symlinks are not followed."""
     total = 0
+    entries = 0
     stack = [path]
     while stack:
         current = stack.pop()
@@ -425,25 +432,31 @@ def _tree_size(path: str) -> int:
             status = os.lstat(current)
         except OSError:
             continue
+        entries += 1
         total += status.st_size if not os.path.isdir(current) or os.path.islink(current) else 0
         if os.path.isdir(current) and not os.path.islink(current):
             try:
-                with os.scandir(current) as entries:
-                    for entry in entries:
+                with os.scandir(current) as found:
+                    for entry in found:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
                         else:
+                            entries += 1
                             with contextlib.suppress(OSError):
                                 total += entry.stat(follow_symlinks=False).st_size
             except OSError:
                 pass
-    return total
+    return archives.PathSize(total, entries)
 
 
 def _measure_sizes(
-    apps: Sequence[App], results: dict[str, AppResult], on_progress: ProgressCallback | None
+    apps: Sequence[App],
+    results: dict[str, AppResult],
+    on_progress: ProgressCallback | None,
+    path_sizes: dict[str, archives.PathSize],
 ) -> Callable[[], None]:
-    """Measure each app's size; returns what to call once the engine is done.
+    """Measure each app's size (and each path's, into ``path_sizes``); returns what to
+    call once the engine is done.
 
     With a progress bar, sizes are measured in a thread while the engine reads, so
     that the bar learns its total early. Without one, they are measured afterwards:
@@ -453,7 +466,9 @@ def _measure_sizes(
 
     def measure() -> None:
         for app in apps:
-            results[app.id].size = sum(_tree_size(path) for path in results[app.id].paths)
+            for path in results[app.id].paths:
+                path_sizes[path] = _tree_size(path)
+            results[app.id].size = sum(path_sizes[path].bytes for path in results[app.id].paths)
         if on_progress is not None:
             total = sum(results[app.id].size for app in apps)
             on_progress(Progress("create", current=None, total=total))
@@ -463,6 +478,28 @@ def _measure_sizes(
     thread = threading.Thread(target=measure, name="measure-sizes", daemon=True)
     thread.start()
     return thread.join
+
+
+def _record_archive(
+    repositories: Sequence[Repository],
+    result: OperationResult,
+    staging: Path,
+    path_sizes: dict[str, archives.PathSize],
+) -> None:
+    """Keep a local record of the archive just written to each borg repository that
+    has it (see :mod:`homesafe.archives`), so that restoring it here needs no reading
+    of the archive before extracting. A record that cannot be written is only missed."""
+    written = {d.repository for d in result.destinations if d.status == "ok"}
+    for repository in repositories:
+        if repository.engine != "borg" or (written and repository.name not in written):
+            continue
+        directory = archives.record_directory(locations.home(), repository.name, result.archive)
+        if directory is None:
+            continue
+        try:
+            archives.save_record(directory, staging, repository.location, path_sizes)
+        except OSError as error:
+            logger.warning("could not keep a record of archive %s: %s", result.archive, error)
 
 
 def _now() -> str:
@@ -550,7 +587,8 @@ def backup_apps(
             included = [app for app in selected if results[app.id].active]
             paths = [path for app in included for path in results[app.id].paths]
             packet.apps = included
-            finish_sizes = _measure_sizes(included, results, on_progress)
+            path_sizes: dict[str, archives.PathSize] = {}
+            finish_sizes = _measure_sizes(included, results, on_progress, path_sizes)
             if included:
                 _write_backup_metadata(Path(staging), name, comment, included, results, settings)
                 summary = archives.comment_summary([a.id for a in included], comment, periods)
@@ -569,6 +607,8 @@ def backup_apps(
                     result.engine_stats = stats
                     _attribute_warnings(stats.warnings, included, results)
             finish_sizes()
+            if included and handler is None:
+                _record_archive(targets, result, Path(staging), path_sizes)
             _run_hooks("backup_post", included, results, packet)
         except EngineError as error:
             for app in selected:
@@ -709,6 +749,7 @@ def _write_backup_metadata(
         )
     metadata = archives.build_metadata(archive_name=name, comment=comment, apps=entries)
     archives.write_metadata(staging, metadata, {app.id: settings[app.id] for app in included})
+    archives.write_run_marker(staging)
 
 
 def _create(
@@ -945,6 +986,10 @@ class _RestoreRun:
     plans: dict[str, restore.AppPlan] = field(default_factory=dict)
     swaps: dict[str, restore.Swap] = field(default_factory=dict)
     previous_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The local record the plans were made from; the archive is read while staging.
+    record: archives.ArchiveRecord | None = None
+    # Staging areas (and the replaced copies in them) removed by a detached process.
+    detached_removal: bool = False
 
     @property
     def live(self) -> bool:
@@ -964,14 +1009,29 @@ def _prepare_restore(
     force: bool,
     *,
     check_space: bool = True,
+    use_record: bool = False,
 ) -> _RestoreRun:
-    """Everything decided before anything is changed: apps, refusals, plan, space."""
+    """Everything decided before anything is changed: apps, refusals, plan, space.
+
+    With ``use_record``, an archive this host wrote and kept a record of is planned
+    from that record, without reading the archive (see :func:`_stage_from_record`).
+    """
     target = Path(target_root).resolve()
     if not target.is_dir():
         raise HomesafeError(f"target root {target} is not a directory")
     live = str(target) == "/"
     local = apps if apps is not None else _local_apps_or_none(live)
-    description, listing = _describe_and_list(source, local)
+    record = _archive_record(source) if use_record else None
+    known = [app.manifest for app in (local or {}).values()]
+    recorded = (
+        archives.describe_extracted(record.directory, source.label, known) if record else None
+    )
+    listing: list[ArchiveEntry] = []
+    if recorded is not None:
+        description = recorded
+    else:
+        record = None
+        description, listing = _describe_and_list(source, local)
     stored_apps = _stored_apps(description, local)
     selected = _select_from_archive(stored_apps, app_ids)
     if isinstance(source, TarSource):
@@ -985,17 +1045,91 @@ def _prepare_restore(
     }
     result.apps = [results[app.id] for app in selected]
     run = _RestoreRun(source, target, force, result, results, description.apps, selected)
+    run.record = record
     for app in selected:
         _check_version(app, (local or {}).get(app.id), force, results[app.id])
-    run.plans = {
-        plan.app_id: plan
-        for plan in restore.plan(
+    if record is not None:
+        plans = restore.plan_from_record(
+            [
+                (app.id, app.manifest.owned_paths(), description.apps[app.id].paths)
+                for app in run.active()
+            ],
+            record.sizes,
+            target,
+        )
+    else:
+        plans = restore.plan(
             [(app.id, app.manifest.owned_paths()) for app in run.active()], listing, target
         )
-    }
+    run.plans = {plan.app_id: plan for plan in plans}
     if check_space:
         restore.require_space(run.plans[app.id] for app in run.active())
     return run
+
+
+class _StaleRecord(Exception):
+    """The local record a restore was planned from does not describe the archive."""
+
+
+def _archive_record(source: ArchiveSource) -> archives.ArchiveRecord | None:
+    """The local record of the archive ``source`` reads, if this host kept one (borg
+    repositories only)."""
+    if not isinstance(source, EngineSource) or source.repository.engine != "borg":
+        return None
+    directory = archives.record_directory(
+        locations.home(), source.repository.name, source.archive_name
+    )
+    return archives.load_record(directory, source.repository.location)
+
+
+def _stage_from_record(
+    run: _RestoreRun, plans: list[restore.AppPlan], on_progress: ProgressCallback | None
+) -> list[str]:
+    """Stage plans made from a record, and list the archive meanwhile (the apps' paths
+    and the run marker) by a second engine call side by side with the extraction.
+    Returns the extraction's warnings.
+
+    Before anything is verified or swapped, the archive's run marker must be the
+    record's (the archive is the very one this host wrote and recorded) and the listing
+    must hold no path the plans took for not archived; otherwise :class:`_StaleRecord`
+    (staging is removed by the caller). The plans get their entries from the listing,
+    so that verification is as exact as without a record. Both calls wait
+    SIDE_BY_SIDE_LOCK_WAIT seconds at most for the repository lock (calls meeting on
+    borg's lock roster would otherwise sleep a tenth of the whole lock wait); one that
+    still finds the repository locked is made again afterwards, alone, with the
+    repository's own lock wait.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert run.record is not None and isinstance(run.source, EngineSource)
+    source = run.source
+    hasty = source.hasty()
+    paths = [archives.RUN_MARKER_DIRECTORY]
+    paths += sorted({path.archive_path for plan in plans for path in plan.paths})
+
+    def read_listing() -> list[ArchiveEntry] | None:
+        try:
+            return hasty.listing(paths)
+        except RepositoryLockedError:
+            return None  # made again below, with the whole lock wait
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-listing") as pool:
+        listed = pool.submit(read_listing)
+        try:
+            warnings = restore.stage(plans, hasty, on_progress)
+        except RepositoryLockedError:
+            warnings = None
+        # The listing ends before anything else happens, whatever the extraction did.
+        listing = listed.result()
+    if warnings is None:
+        warnings = restore.stage(plans, source, on_progress)
+    if listing is None:
+        listing = source.listing(paths)
+    if archives.run_markers([entry.path for entry in listing]) != [run.record.run_id]:
+        raise _StaleRecord()
+    if restore.attach_listing(plans, listing):
+        raise _StaleRecord()
+    return list(warnings)
 
 
 def _tar_member_filter(description: archives.ArchiveDescription) -> Callable[[str], bool]:
@@ -1031,7 +1165,10 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
     try:
         plans = [run.plans[app.id] for app in run.active()]
         try:
-            warnings = restore.stage(plans, run.source, on_progress)
+            if run.record is not None:
+                warnings = _stage_from_record(run, plans, on_progress)
+            else:
+                warnings = restore.stage(plans, run.source, on_progress)
         except EngineError as error:
             for app in run.active():
                 run.results[app.id].fail("engine", error.message)
@@ -1070,11 +1207,13 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
             if not run.results[app.id].active and app.id in run.swaps:
                 _roll_back(run, app, quiesced.stopped.get(app.id, []))
         for app in run.active():
-            run.swaps.pop(app.id).commit()
+            run.swaps.pop(app.id).commit(discard_previous=not run.detached_removal)
             run.results[app.id].paths = app.manifest.owned_paths()
             run.results[app.id].size = run.plans[app.id].size
     finally:
-        restore.remove_staging(run.plans.values(), keep_if_unrolled=run.swaps.values())
+        restore.remove_staging(
+            run.plans.values(), keep_if_unrolled=run.swaps.values(), detached=run.detached_removal
+        )
         run.result.duration = time.monotonic() - started_clock
     return run.result
 
@@ -1142,6 +1281,7 @@ def restore_apps(
     apps: dict[str, App] | None = None,
     force: bool = False,
     on_progress: ProgressCallback | None = None,
+    remove_in_background: bool = False,
 ) -> OperationResult:
     """Restore the named apps (every app in the archive when none is named).
 
@@ -1156,11 +1296,27 @@ def restore_apps(
     the live system. Data newer than the installed app is refused unless ``force``.
     Refusals that concern the whole restore (no space, unknown apps) raise before
     anything is changed.
+
+    The copies the restore replaced are removed once it is final; with
+    ``remove_in_background`` (what the CLI does) by a detached process, so that this
+    call returns without waiting for it (see :func:`restore.remove_detached`).
     """
     repository = _existing_repository(repository)
     source = EngineSource(repository, archive_name)
-    run = _prepare_restore(source, archive_name, repository.name, app_ids, target_root, apps, force)
-    result = _run_restore(run, on_progress)
+    arguments = (source, archive_name, repository.name, app_ids, target_root, apps, force)
+    run = _prepare_restore(*arguments, use_record=True)
+    run.detached_removal = remove_in_background
+    try:
+        result = _run_restore(run, on_progress)
+    except _StaleRecord:
+        # The record was not the archive's (nothing was changed, staging is removed):
+        # read the archive itself, as for an archive this host has no record of.
+        logger.warning("the local record of archive %s is stale; reading the archive", archive_name)
+        if run.record is not None:
+            shutil.rmtree(run.record.directory, ignore_errors=True)
+        run = _prepare_restore(*arguments)
+        run.detached_removal = remove_in_background
+        result = _run_restore(run, on_progress)
     _record_in_history(result)
     return result
 
@@ -1430,6 +1586,7 @@ def delete_archives(archive_names: Sequence[str], repository: Repository | None 
     """Delete archives and reclaim their space (borg: delete, then compact)."""
     repository = _existing_repository(repository)
     engine_for(repository.engine).delete(repository, archive_names)
+    archives.forget_records(locations.home(), repository.name, archive_names)
 
 
 def export_archive(
@@ -1541,6 +1698,8 @@ def prune_repository(
     engine = engine_for(repository.engine)
     before = None if dry_run else engine.repository_info(repository).stored_size
     report = engine.prune(repository, policy, dry_run=dry_run)
+    if not dry_run:
+        archives.forget_records(locations.home(), repository.name, report.removed)
     if before is not None:
         report.reclaimed_bytes = before - engine.repository_info(repository).stored_size
     if not dry_run:
@@ -1598,6 +1757,7 @@ def remove_repository(name: str, *, delete_data: bool = False) -> None:
     if delete_data:
         engine_for(repository.engine).destroy(repository)
     unregister_repository(name)
+    archives.forget_repository_records(locations.home(), name)
     if delete_data:
         # Only the secrets homesafe made for it: a file the person named stays.
         if repository.passphrase_file == passphrase_file_for(name):

@@ -5,13 +5,26 @@ own): ``archive.json`` describes the archive and every app in it, with the manif
 it was at backup time; ``settings/<app>.json`` holds an app's settings. The archive
 comment carries a compact JSON summary (the app ids and the user's comment) so that
 listing the apps of many archives needs no extraction.
+
+An app archive also holds ``.homesafe/run/<32 hex digits>``, an empty file whose name is
+drawn at random for each backup run (:func:`write_run_marker`): it tells one archive
+from any other of the same name in a listing, without extracting anything.
+
+Besides, the host that wrote an archive keeps a *record* of it (:func:`save_record`,
+under ``$HOMESAFE_HOME/archive-records/<repository>/<archive>/``): a copy of the
+archive's own ``.homesafe/`` files (run marker included) and the size of each captured
+path as measured after the engine read it. A restore on that host plans from the record
+instead of reading the archive first, and checks, in the archive's listing, that the
+run marker is the record's before anything is swapped in.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import shutil
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -153,6 +166,25 @@ def write_metadata(
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     for app_id, values in settings.items():
         (directory / settings_member(app_id)).write_text(json.dumps(values, sort_keys=True))
+
+
+RUN_MARKER_DIRECTORY = f"{METADATA_DIRECTORY}/run"
+
+
+def write_run_marker(directory: Path) -> str:
+    """Write ``.homesafe/run/<id>`` below ``directory``: an empty file named by 128
+    random bits, new for each backup run; returns the id."""
+    run_id = os.urandom(16).hex()
+    marker = directory / RUN_MARKER_DIRECTORY / run_id
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return run_id
+
+
+def run_markers(paths: Sequence[str]) -> list[str]:
+    """The run ids among archive ``paths`` (those of :func:`write_run_marker`)."""
+    prefix = RUN_MARKER_DIRECTORY + "/"
+    return [path[len(prefix) :] for path in paths if path.startswith(prefix)]
 
 
 def build_metadata(
@@ -323,3 +355,127 @@ def load_reference_settings(description: ArchiveDescription, directory: Path) ->
             continue
         if isinstance(values, dict):
             app.settings = {key: values[key] for key in app.manifest.settings if key in values}
+
+
+# -- the local record of an archive this host wrote ------------------------------------
+
+RECORDS_DIRECTORY = "archive-records"
+RECORD_FILE = "record.json"
+RECORD_FORMAT = 1
+# Records kept per repository, newest first: restores are mostly of recent archives,
+# and an older archive without a record is read from the repository as before.
+RECORDS_KEPT = 20
+
+
+@dataclass(frozen=True)
+class PathSize:
+    """What one captured path held when measured: bytes of file data, and entries
+    (files, directories, links), each of which takes at least a block when staged."""
+
+    bytes: int
+    entries: int
+
+
+@dataclass
+class ArchiveRecord:
+    """A record this host kept of an archive it wrote: ``directory`` holds a copy of
+    the archive's ``.homesafe/`` files, ``run_id`` its run marker's id, ``sizes`` each
+    captured path's size."""
+
+    directory: Path
+    run_id: str
+    sizes: dict[str, PathSize]
+
+
+def record_directory(home: Path, repository_name: str, archive_name: str) -> Path | None:
+    """Where the record of ``archive_name`` in ``repository_name`` lives (None when the
+    names cannot be directory names)."""
+    for name in (repository_name, archive_name):
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            return None
+    return home / RECORDS_DIRECTORY / repository_name / archive_name
+
+
+def save_record(
+    directory: Path, metadata_root: Path, location: str, sizes: dict[str, PathSize]
+) -> None:
+    """Record an archive just written: its ``.homesafe/`` files (read from
+    ``metadata_root``, the directory the engine archived them from) and ``sizes``.
+
+    Written into a new directory renamed into place, so a reader never sees half a
+    record; an older record of the same name is replaced. Only the RECORDS_KEPT newest
+    records of the repository are kept.
+    """
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = parent / f".{directory.name}.{os.urandom(4).hex()}"
+    try:
+        shutil.copytree(metadata_root / METADATA_DIRECTORY, partial / METADATA_DIRECTORY)
+        document = {
+            "format": RECORD_FORMAT,
+            "location": location,
+            "sizes": {path: [size.bytes, size.entries] for path, size in sizes.items()},
+        }
+        (partial / RECORD_FILE).write_text(json.dumps(document, sort_keys=True))
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+        os.rename(partial, directory)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    _prune_records(parent)
+
+
+def _prune_records(parent: Path) -> None:
+    try:
+        found = [(entry.stat().st_mtime, entry.path) for entry in os.scandir(parent)]
+    except OSError:
+        return
+    found.sort(reverse=True)
+    for _, path in found[RECORDS_KEPT:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def forget_records(home: Path, repository_name: str, archive_names: Sequence[str]) -> None:
+    """Remove the records of ``archive_names`` in ``repository_name``: they are gone."""
+    for name in archive_names:
+        directory = record_directory(home, repository_name, name)
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def forget_repository_records(home: Path, repository_name: str) -> None:
+    """Remove every record of ``repository_name``: it is forgotten."""
+    if repository_name and "/" not in repository_name and not repository_name.startswith("."):
+        shutil.rmtree(home / RECORDS_DIRECTORY / repository_name, ignore_errors=True)
+
+
+def load_record(directory: Path | None, location: str) -> ArchiveRecord | None:
+    """The record in ``directory`` if there is a whole one for a repository at
+    ``location``; None otherwise (no record, another repository, unreadable)."""
+    if directory is None:
+        return None
+    try:
+        document = json.loads((directory / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != RECORD_FORMAT
+        or document.get("location") != location
+        or not (directory / METADATA_FILE).is_file()
+    ):
+        return None
+    try:
+        sizes = {
+            str(path): PathSize(int(size[0]), int(size[1]))
+            for path, size in document["sizes"].items()
+        }
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    try:
+        markers = os.listdir(directory / RUN_MARKER_DIRECTORY)
+    except OSError:
+        return None
+    if len(markers) != 1:
+        return None
+    return ArchiveRecord(directory, markers[0], sizes)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from homesafe import journal, locations
+from homesafe.archives import PathSize
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
 from homesafe.errors import HomesafeError
 from homesafe.manifest import is_inside
@@ -157,6 +158,8 @@ class PathPlan:
     target: Path
     in_archive: bool
     area: StagingArea
+    # Bytes it will take once staged, when planned from a record (no listing yet).
+    expected_bytes: int = 0
 
     @property
     def archive_path(self) -> str:
@@ -180,6 +183,8 @@ class AppPlan:
     app_id: str
     paths: list[PathPlan]
     entries: list[ArchiveEntry]
+    # False while planned from a record: ``entries`` come with the listing, later.
+    listed: bool = True
 
     @property
     def size(self) -> int:
@@ -214,6 +219,56 @@ def plan(
     return plans
 
 
+def plan_from_record(
+    apps: Iterable[tuple[str, list[str], list[str] | None]],
+    sizes: dict[str, PathSize],
+    target_root: Path,
+) -> list[AppPlan]:
+    """Plan the restore of ``(app id, paths, captured paths)`` from the local record of
+    an archive (see :mod:`homesafe.archives`), before its listing is known: a path is
+    taken for archived when it was captured (None: every path was), and its staged size
+    for what was measured at backup time. :func:`attach_listing` completes the plans.
+    """
+    areas: dict[int, StagingArea] = {}
+    plans = []
+    for app_id, paths, captured in apps:
+        path_plans = []
+        for path in paths:
+            target = target_root / path.lstrip("/")
+            anchor = nearest_existing(target.parent)
+            device = os.stat(anchor).st_dev
+            area = areas.setdefault(device, StagingArea(device, anchor))
+            in_archive = captured is None or path in captured
+            size = sizes.get(path)
+            expected = size.bytes + size.entries * BLOCK_OVERHEAD_BYTES if size else 0
+            path_plans.append(PathPlan(path, target, in_archive, area, expected))
+        plans.append(AppPlan(app_id, path_plans, [], listed=False))
+    return plans
+
+
+def attach_listing(plans: Iterable[AppPlan], listing: list[ArchiveEntry]) -> list[str]:
+    """Complete plans made by :func:`plan_from_record` with the archive's ``listing``
+    (of at least their paths): each app's entries, for :func:`verify`.
+
+    A path planned as archived that the listing lacks is not archived (nothing of it
+    was extracted). Returns the paths the listing holds but the plans took for not
+    archived: they were not extracted, so the plans cannot be used (empty: all is well).
+    """
+    by_path = {entry.path for entry in listing}
+    missed = []
+    for app_plan in plans:
+        entries: list[ArchiveEntry] = []
+        for path_plan in app_plan.paths:
+            listed = path_plan.archive_path in by_path
+            if listed and not path_plan.in_archive:
+                missed.append(path_plan.path)
+            path_plan.in_archive = listed
+            entries += [e for e in listing if is_inside(e.path, path_plan.archive_path)]
+        app_plan.entries = entries
+        app_plan.listed = True
+    return missed
+
+
 @dataclass
 class SpaceCheck:
     """Free space against need, for one filesystem."""
@@ -228,15 +283,21 @@ class SpaceCheck:
 
 
 def check_space(plans: Iterable[AppPlan]) -> list[SpaceCheck]:
-    """What each filesystem needs and has; staging never overwrites, so it needs it all."""
+    """What each filesystem needs and has; staging never overwrites, so it needs it all.
+
+    Needs come from the listing, or, for plans made from a record, from the sizes
+    measured at backup time."""
     needs: dict[int, tuple[StagingArea, int]] = {}
     for app_plan in plans:
         for path_plan in app_plan.paths:
-            size = sum(
-                entry.size + BLOCK_OVERHEAD_BYTES
-                for entry in app_plan.entries
-                if is_inside(entry.path, path_plan.archive_path)
-            )
+            if not app_plan.listed:
+                size = path_plan.expected_bytes if path_plan.in_archive else 0
+            else:
+                size = sum(
+                    entry.size + BLOCK_OVERHEAD_BYTES
+                    for entry in app_plan.entries
+                    if is_inside(entry.path, path_plan.archive_path)
+                )
             area, total = needs.get(path_plan.area.device, (path_plan.area, 0))
             needs[path_plan.area.device] = (area, total + size)
     checks = []
@@ -407,13 +468,15 @@ class Swap:
                 hint="Nothing was deleted: move the kept copies back by hand.",
             )
 
-    def commit(self) -> None:
-        """Forget the previous copies: the app has been restored."""
+    def commit(self, *, discard_previous: bool = True) -> None:
+        """Forget the previous copies: the app has been restored. Without
+        ``discard_previous`` they stay in the staging area, removed with it."""
         # Closed first: a crash while deleting the previous copies must not "roll back"
         # half-deleted ones over the restored app (recovery then removes the staging).
         self._close_entries("restore committed")
-        for path_plan in self.moved_aside:
-            discard(path_plan.previous)
+        if discard_previous:
+            for path_plan in self.moved_aside:
+                discard(path_plan.previous)
         self.moved_aside.clear()
         self.placed.clear()
         self.created.clear()
@@ -427,22 +490,103 @@ class Swap:
         self.entries.clear()
 
 
-def remove_staging(plans: Iterable[AppPlan], keep_if_unrolled: Iterable[Swap] = ()) -> None:
+def remove_staging(
+    plans: Iterable[AppPlan], keep_if_unrolled: Iterable[Swap] = (), *, detached: bool = False
+) -> None:
     """Remove every staging area, except those still holding previous copies.
 
     An area holding copies a rollback could not put back is kept for good (the error
     said where they are). An area of a swap neither committed nor rolled back (an
     interrupted restore) is left to the journal: recovery puts the previous copies back
-    first, then removes it.
+    first, then removes it. With ``detached``, the areas to remove are handed to a
+    process of their own (see :func:`remove_detached`) and this call does not wait.
     """
     swaps = list(keep_if_unrolled)
     kept = {plan.area.device for swap in swaps if not swap.entries for plan in swap.moved_aside}
     unrolled = {plan.area.device for swap in swaps if swap.entries for plan in swap.app_plan.paths}
+    removed: dict[int, StagingArea] = {}
     for app_plan in plans:
         for path_plan in app_plan.paths:
             if path_plan.area.device in unrolled:
                 continue
             if path_plan.area.device in kept:
                 path_plan.area.keep("it holds previous copies a rollback could not put back")
-            else:
-                path_plan.area.remove()
+            elif path_plan.area.root is not None:
+                removed[path_plan.area.device] = path_plan.area
+    if detached:
+        remove_detached(list(removed.values()))
+    else:
+        for area in removed.values():
+            area.remove()
+
+
+def remove_detached(areas: list[StagingArea]) -> None:
+    """Hand ``areas`` over to a detached process that removes them, and return at once.
+
+    Removing the copies a restore replaced takes a while (some 0.1 ms a file), and
+    nothing waits for it once the restore is final. The remover is forked (no program
+    is run: it is this process's own :func:`discard`), leaves the session, drops every
+    inherited descriptor (the operation lock among them, so the next operation need
+    not wait) and records the areas in a journal of its own, which it holds as long as
+    it lives; only then does it tell this process, which closes its own entries for
+    them. Killed at any point, one of the two journals still names every area and
+    recovery removes it. When the hand-over fails, the areas are removed here.
+    """
+    areas = [area for area in areas if area.root is not None]
+    if not areas:
+        return
+    roots = [str(area.root) for area in areas]
+    read_end, write_end = os.pipe()
+    try:
+        child = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        child = None
+    if child == 0:
+        _remove_in_child(roots, read_end, write_end)  # never returns
+    handed_over = False
+    if child is not None:
+        os.close(write_end)
+        try:
+            handed_over = os.read(read_end, 1) == REMOVER_READY
+        finally:
+            os.close(read_end)
+            os.waitpid(child, 0)  # the go-between exits at once; the remover lives on
+    for area in areas:
+        if handed_over and area.entry is not None:
+            journal.active().keep(area.entry, "removed by a detached process")
+            area.entry = None
+            area.root = None
+        else:
+            area.remove()
+
+
+REMOVER_READY = b"1"
+
+
+def _remove_in_child(roots: list[str], read_end: int, write_end: int) -> None:
+    """The forked side of :func:`remove_detached`: fork again (so that nobody has to
+    reap the remover), then record, report ready, remove, close, exit."""
+    try:
+        os.close(read_end)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for standard in (0, 1, 2):
+            os.dup2(null, standard)
+        # Every descriptor but the pipe: the caller's journal and locks stay its own.
+        os.closerange(3, write_end)
+        os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
+        own = journal.Journal(journal.directory().absolute())
+        own.operation = "restore"
+        entries = [own.record(journal.TEMPORARY_DIRECTORY, {"path": root}) for root in roots]
+        os.write(write_end, REMOVER_READY)
+        os.close(write_end)
+        for root, entry in zip(roots, entries, strict=True):
+            discard(Path(root))
+            if not os.path.lexists(root):
+                own.undone(entry)
+    finally:
+        os._exit(0)

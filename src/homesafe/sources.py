@@ -101,8 +101,18 @@ class EngineSource:
                 archives.load_reference_settings(description, directory)
             return description
 
-    def listing(self) -> list[ArchiveEntry]:
-        return self.engine.list_contents(self.repository, self.archive_name)
+    def listing(self, paths: Sequence[str] = ()) -> list[ArchiveEntry]:
+        """The archive's entries (those below ``paths`` when given)."""
+        return self.engine.list_contents(self.repository, self.archive_name, paths)
+
+    def hasty(self) -> EngineSource:
+        """This archive, read by engine calls that wait SIDE_BY_SIDE_LOCK_WAIT seconds at
+        most for the repository lock (for calls made side by side; see
+        :meth:`describe_and_list`)."""
+        return EngineSource(
+            dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
+            self.archive_name,
+        )
 
     def describe_and_list(
         self, known: Sequence[Manifest] = ()
@@ -116,10 +126,7 @@ class EngineSource:
         finds the repository locked (a writer holds it) is made again afterwards, alone,
         with the repository's own lock wait, so no caller ever waits less than it did.
         """
-        hasty = EngineSource(
-            dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
-            self.archive_name,
-        )
+        hasty = self.hasty()
         listing: list[ArchiveEntry] | None = None
         listing_error: BaseException | None = None
 

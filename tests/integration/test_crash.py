@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from homesafe import api, journal, state
+from homesafe import api, journal, restore, state
 from tests.conftest import Daemon, DaemonFactory, ManifestWriter, requires_program
 from tests.support.apps import (
     alive,
@@ -514,6 +514,51 @@ def test_restore_interrupted_after_the_swap_rolls_back_before_exiting(
     assert state.read_settings(["crashy.theme"]) == {"crashy.theme": "theme-v2"}
     crash_app.assert_put_back()
     assert recover_json()["actions"] == []
+
+
+def test_detached_removal_killed_half_way_is_finished_by_recover(
+    homesafe_env: Path, write_manifest: ManifestWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process removing the replaced copies (``remove_in_background``) journals
+    them before the restore returns; SIGKILLed half-way, it leaves a journal that
+    recovery finishes: the staging area gone, the restored app untouched."""
+    base = homesafe_env / "srv" / "bulky"
+    make_tree(base, {f"d{number % 5}/f{number}": b"x" for number in range(200)})
+    write_manifest("bulky", to_toml({"id": "bulky", "data": {"directories": [str(base)]}}))
+    backup = api.backup_apps()
+    assert backup.status == "ok", describe(backup)
+    restored = tree(base)
+    (base / "d0" / "f0").write_bytes(b"changed")
+    home = homesafe_env / "home"
+    # The kill point (as CHILD's): the remover, a fork of this process, removes one
+    # directory of the replaced copy for real, then is SIGKILLed.
+    test_process = os.getpid()
+    discard = restore.discard
+
+    def discard_part_then_die(path: Path) -> None:
+        if os.getpid() == test_process:
+            discard(path)
+            return
+        discard(next(path.rglob("d0")))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(restore, "discard", discard_part_then_die)
+
+    result = api.restore_apps(backup.archive, remove_in_background=True)
+
+    assert result.status == "ok", describe(result)
+    (remover_journal,) = os.listdir(home / "journal")
+    remover = int(remover_journal.split("-")[1].split(".")[0])
+    assert remover != test_process
+    wait_until(lambda: not alive(remover))
+    (area,) = (home / "tmp").iterdir()  # half removed: d0 of the replaced copy is gone
+    assert not any(area.rglob("d0")) and any(area.rglob("d1"))
+    report = journal.recover()
+    assert report.failed == [], report.lines()
+    assert [action.kind for action in report.actions] == ["temporary_directory"]
+    assert os.listdir(home / "journal") == []
+    assert list((home / "tmp").iterdir()) == []
+    assert tree(base) == restored
 
 
 def test_recover_with_nothing_to_do(crash_app: CrashApp) -> None:

@@ -1,12 +1,15 @@
 """What a restore reads before it extracts, with real borg: the archive's description and
 listing are read side by side, never stall on the repository's lock roster, and still
-wait the repository's whole lock wait for a writer that holds the lock."""
+wait the repository's whole lock wait for a writer that holds the lock. An archive this
+host wrote is planned from the local record the backup kept, and read while it is
+extracted; a record that is not the archive's is found out before anything changes."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from homesafe import api, sources
+from homesafe import api, archives, sources
 from homesafe.repositories import default_repository
 from homesafe.sources import EngineSource
 from tests.conftest import ManifestWriter, requires_program
 from tests.integration.test_repo_locks import borg_lock_holder
-from tests.integration.test_restore_staged import write_app
+from tests.integration.test_restore_staged import borg_wrapper, change_everything, write_app
 from tests.integration.test_roundtrip import snapshot_tree
 from tests.support.apps import describe
 
@@ -178,3 +181,112 @@ def test_restore_of_unchanged_apps_does_not_validate_their_manifests_again(
     write_app(write_manifest, homesafe_env / "srv", "same", version=2)  # installed: newer
     assert restore_in_a_new_process() == "ok True"
     assert snapshot_tree(base) == before
+
+
+def record_of(homesafe_env: Path, archive_name: str) -> Path:
+    directory = archives.record_directory(homesafe_env / "home", "default", archive_name)
+    assert directory is not None
+    return directory
+
+
+def logging_borg(homesafe_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A borg wrapper first on PATH that logs when each call begins and ends (the
+    extraction of homesafe's own files told apart); returns the log."""
+    log = homesafe_env / "borg-calls.log"
+    borg_wrapper(
+        homesafe_env / "bin",
+        'kind="$1"; case " $* " in *" .homesafe "*) kind="$kind-metadata";; esac\n'
+        f'echo "begin $kind" >> {log}\n'
+        '"$REAL_BORG" "$@"; status=$?\n'
+        f'echo "end $kind" >> {log}\n'
+        "exit $status",
+    )
+    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_a_restore_here_extracts_first_and_reads_the_archive_meanwhile(
+    homesafe_env: Path, write_manifest: ManifestWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backup keeps a record (homesafe's files, each path's size); the restore
+    plans from it and starts the extraction before any other borg call has ended, the
+    listing (which holds the run marker) read beside it; the result is exactly the
+    archive."""
+    base = write_app(write_manifest, homesafe_env / "srv", "recorded")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    record = archives.load_record(
+        record_of(homesafe_env, backup.archive), str(homesafe_env / "home/repository")
+    )
+    assert record is not None
+    marker = f"{archives.RUN_MARKER_DIRECTORY}/{record.run_id}"
+    assert marker in {
+        entry.path for entry in EngineSource(default_repository(), backup.archive).listing()
+    }
+    assert record.sizes[str(base / "data")] == archives.PathSize(len("recorded a\n") + 50_000, 4)
+    assert record.sizes[str(base / "secret")] == archives.PathSize(len("secret\n"), 1)
+    change_everything(base)
+    log = logging_borg(homesafe_env, monkeypatch)
+
+    result = api.restore_apps(backup.archive)
+
+    assert result.status == "ok", describe(result)
+    assert snapshot_tree(base) == before
+    assert result.app("recorded").size == len("recorded a\n") + 50_000 + len("[recorded]\n") + len(
+        "secret\n"
+    )
+    calls = log.read_text().splitlines()
+    kinds = ("extract", "list")
+    assert sorted(calls) == sorted(f"{edge} {kind}" for kind in kinds for edge in ("begin", "end"))
+    first_end = next(number for number, call in enumerate(calls) if call.startswith("end"))
+    assert calls.index("begin extract") < first_end, calls
+
+
+def test_a_stale_record_is_found_out_and_the_archive_restored(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """An archive deleted and written again under the same name (the record kept is
+    the first one's, with the same apps and paths): the run marker in the listing
+    tells, the restore reads the archive, restores exactly what it holds, and drops
+    the stale record."""
+    base = write_app(write_manifest, homesafe_env / "srv", "renamed")
+    api.backup_apps(archive_name="again")
+    stale = homesafe_env / "stale-record"
+    shutil.copytree(record_of(homesafe_env, "again"), stale)
+    api.delete_archives(["again"])
+    assert not record_of(homesafe_env, "again").exists()  # deleting forgets the record
+    (base / "data/late.txt").write_text("written after the first backup\n")
+    (base / "app.conf").write_text("[renamed]\nsecond = true\n")
+    expected = snapshot_tree(base)
+    api.backup_apps(archive_name="again")
+    shutil.rmtree(record_of(homesafe_env, "again"))
+    shutil.copytree(stale, record_of(homesafe_env, "again"))
+    change_everything(base)
+
+    result = api.restore_apps("again")
+
+    assert result.status == "ok", describe(result)
+    assert snapshot_tree(base) == expected
+    assert not record_of(homesafe_env, "again").exists()
+    assert not any((homesafe_env / "home/tmp").iterdir())
+
+
+def test_an_archive_without_a_record_restores_the_same(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """An archive written elsewhere (or before records were kept) has no record: it is
+    read before extracting, as it always was, with the same result."""
+    base = write_app(write_manifest, homesafe_env / "srv", "elsewhere")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    change_everything(base)
+    with_record = api.restore_apps(backup.archive)
+    assert snapshot_tree(base) == before
+    shutil.rmtree(record_of(homesafe_env, backup.archive))
+    change_everything(base)
+
+    without_record = api.restore_apps(backup.archive)
+
+    assert without_record.status == "ok", describe(without_record)
+    assert snapshot_tree(base) == before
+    assert without_record.app("elsewhere").size == with_record.app("elsewhere").size

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,31 @@ def test_restore_makes_the_app_exactly_what_the_archive_holds(
     staging = [path for path in base.rglob(f"{restore.STAGING_PREFIX}*")]
     assert staging == []
     assert list((homesafe_env / "home/tmp").iterdir()) == []
+
+
+def test_replaced_copies_are_removed_by_a_detached_process(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """With remove_in_background (the CLI's way), the restore is final when it returns;
+    the replaced copies go with their staging area, removed by a process of its own
+    that journals them while it works and leaves nothing behind."""
+    base = write_app(write_manifest, homesafe_env / "srv", "detached")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    change_everything(base)
+
+    result = api.restore_apps(backup.archive, remove_in_background=True)
+
+    assert result.status == "ok", describe(result)
+    assert snapshot_tree(base) == before
+    scratch = homesafe_env / "home/tmp"
+    journals = homesafe_env / "home/journal"
+    deadline = time.monotonic() + 30
+    while any(scratch.iterdir()) or (journals.is_dir() and any(journals.iterdir())):
+        assert time.monotonic() < deadline, (list(scratch.iterdir()), list(journals.iterdir()))
+        time.sleep(0.05)
+    assert not any(base.parent.rglob(f"{restore.STAGING_PREFIX}*"))
+    assert snapshot_tree(base) == before
 
 
 def test_a_path_missing_at_backup_time_is_missing_after_restore(

@@ -226,3 +226,55 @@ def test_a_stored_manifest_that_differs_is_validated() -> None:
     assert parsed.version == 3
     with pytest.raises(ManifestError, match=r"data\.directories"):
         archives.stored_manifest(broken, "archive", [known])
+
+
+# -- local records of archives written here ------------------------------------------------
+
+
+def written_metadata(tmp_path: Path, name: str) -> tuple[Path, str]:
+    """A staging directory holding what a backup archives as .homesafe/, and its run id."""
+    staging = tmp_path / f"staging-{name}"
+    metadata = archives.build_metadata(archive_name=name, comment=None, apps=[])
+    archives.write_metadata(staging, metadata, {})
+    return staging, archives.write_run_marker(staging)
+
+
+def test_a_record_holds_the_metadata_run_marker_and_sizes(tmp_path: Path) -> None:
+    staging, run_id = written_metadata(tmp_path, "a")
+    directory = archives.record_directory(tmp_path / "home", "default", "a")
+    assert directory is not None
+    sizes = {"/srv/notes": archives.PathSize(1234, 7)}
+
+    archives.save_record(directory, staging, "/repo", sizes)
+
+    record = archives.load_record(directory, "/repo")
+    assert record is not None
+    assert record.run_id == run_id and len(run_id) == 32
+    assert record.sizes == sizes
+    assert archives.read_metadata(record.directory) == archives.read_metadata(staging)
+    assert archives.run_markers([f".homesafe/run/{run_id}", ".homesafe/run", "srv"]) == [run_id]
+    # Another repository under the same name is not this record's.
+    assert archives.load_record(directory, "/elsewhere") is None
+
+
+def test_records_are_replaced_kept_to_the_newest_and_forgotten(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    for number in range(archives.RECORDS_KEPT + 3):
+        staging, _ = written_metadata(tmp_path, f"a{number}")
+        directory = archives.record_directory(home, "default", f"a{number}")
+        assert directory is not None
+        archives.save_record(directory, staging, "/repo", {})
+    records = home / archives.RECORDS_DIRECTORY / "default"
+    assert len(list(records.iterdir())) == archives.RECORDS_KEPT
+    newest = archives.record_directory(home, "default", f"a{archives.RECORDS_KEPT + 2}")
+    assert newest is not None and newest.is_dir()
+    staging, run_id = written_metadata(tmp_path, "again")
+    archives.save_record(newest, staging, "/repo", {})
+    record = archives.load_record(newest, "/repo")
+    assert record is not None and record.run_id == run_id
+
+    archives.forget_records(home, "default", [newest.name])
+    assert not newest.exists()
+    archives.forget_repository_records(home, "default")
+    assert not records.exists()
+    assert archives.record_directory(home, "default", "../x") is None

@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from homesafe.cli.output import print_json, print_operation, print_preview, progress_bar
+from homesafe.cli.output import (
+    preload_tables,
+    print_json,
+    print_operation,
+    print_preview,
+    progress_bar,
+)
 from homesafe.cli.repo import repository_option, resolve, resolve_one
 from homesafe.errors import EXIT_FAILURE
 
@@ -166,6 +172,8 @@ def restore_command(
             as_json,
         )
         return
+    if not as_json:
+        preload_tables()
     with progress_bar("restore", enabled=not as_json) as on_progress:
         result = api.restore_apps(
             archive,
@@ -174,6 +182,7 @@ def restore_command(
             target_root=target_root,
             force=force,
             on_progress=on_progress,
+            remove_in_background=True,
         )
     _finish(result, as_json)
 
