@@ -19,12 +19,17 @@ median of ``--repeats`` runs of the whole sequence (new repositories each time).
 are warm. The ratio target is homesafe / raw <= 1.05. Figures also go to
 ``bench/results/engines.json``.
 
+homesafe's modules are byte-compiled first, as an installed homesafe's are (and as
+borg's are): a checkout run with ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile
+every module it imports on every timed run (see ``bench/overhead.py``).
+
     .venv/bin/python bench/engines.py [--size-mb N] [--repeats N] [--targets a,b]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -51,6 +56,16 @@ TARGETS = ["borg-local", "borg-ssh", "restic-local", "restic-s3"]
 CASES = ["full", "unchanged", "changed", "restore"]
 RESULTS = ROOT / "bench" / "results" / "engines.json"
 TARGET_RATIO = 1.05
+
+
+def compile_homesafe() -> None:
+    """Byte-compile the homesafe package the ``homesafe`` command imports (``compileall``
+    writes only what is missing or stale)."""
+    spec = importlib.util.find_spec("homesafe")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{sys.executable} cannot import homesafe: run this with its venv")
+    package = next(iter(spec.submodule_search_locations))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
 
 
 def make_data(directory: Path, size_mb: int) -> list[Path]:
@@ -253,6 +268,7 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     arguments = parser.parse_args()
     targets = arguments.targets.split(",")
+    compile_homesafe()
     with tempfile.TemporaryDirectory(prefix="homesafe-bench-engines-") as scratch:
         base = Path(scratch)
         data = base / "data"

@@ -120,6 +120,9 @@ class EngineSource:
             dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
             self.archive_name,
         )
+        # The same engine object: what the listing learns (restic: the snapshot's id)
+        # serves the extraction of the files later.
+        hasty.engine = self.engine
         listing: list[ArchiveEntry] | None = None
         listing_error: BaseException | None = None
 

@@ -620,6 +620,9 @@ class BorgEngine:
         return True
 
     def initialize(self, repository: Repository) -> None:
+        # An unsupported borg is refused before the repository is made, and the version
+        # is remembered then: the first backup need not ask borg for it.
+        version()
         run_borg(repository, init_argv(repository))
 
     def create(
