@@ -13,6 +13,7 @@ repository is created once per module and copied for each test where it is a dir
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -413,3 +414,46 @@ def test_a_backup_is_one_engine_call_and_a_restore_reads_each_part_once(
     else:
         assert sorted(calls.commands("borg")) == ["extract", "extract", "list"]
         assert calls.count("ssh") == 3
+
+
+@pytest.mark.parametrize("kind", ["restic-s3", "borg-ssh"])
+def test_a_scheduled_run_lists_once_backs_up_once_and_prunes_from_that_listing(
+    kind: str,
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listing made before a scheduled backup serves the decision, the archive's
+    name (restic does not list again to look for it) and retention afterwards."""
+    from homesafe import scheduler, schedules
+
+    calls = EngineCalls(tmp_path / "calls", monkeypatch)
+    repository = make_repository(kind)
+    now = datetime.datetime.now(datetime.UTC)
+    schedule = schedules.load_or_default(repository.name).changed(
+        enabled=True, timezone="UTC", run_at_hour=(now.hour + 12) % 24,
+        daily_to_keep=1, weekly_to_keep=0, monthly_to_keep=0,
+    )  # fmt: skip
+    schedules.save(schedule)
+    listing, backup = ("snapshots", "backup") if kind == "restic-s3" else ("list", "create")
+    # A deletion looks its names up first, so that a name that is not there deletes
+    # nothing (restic deletes by id; borg would be half done).
+    deletion = (
+        [listing, "forget", "prune"] if kind == "restic-s3" else [listing, "delete", "compact"]
+    )
+    calls.clear()
+
+    first = scheduler.run(now).reports[0]
+
+    assert first.action == "backed-up", first.to_dict()
+    assert calls.commands(repository.engine) == [listing, backup]
+    calls.clear()
+
+    second = scheduler.run(now + datetime.timedelta(days=1)).reports[0]
+
+    assert second.action == "backed-up", second.to_dict()
+    assert first.backup is not None and second.backup is not None
+    assert second.pruned == [first.backup["archive"]]
+    assert calls.commands(repository.engine) == [listing, backup, *deletion]
+    assert [archive.name for archive in api.list_archives(repository)] == [second.backup["archive"]]
