@@ -75,6 +75,7 @@ __all__ = [
     "Packet",
     "backup_apps",
     "backup_full",
+    "break_lock",
     "change_passphrase",
     "check_repository",
     "delete_archives",
@@ -1589,6 +1590,15 @@ def change_passphrase(
         raise
     os.replace(pending, file)
     return new
+
+
+def break_lock(repository: Repository | None = None) -> None:
+    """Remove every lock of the repository, whoever holds it (borg ``break-lock``,
+    restic ``unlock --remove-all``). For the user to decide, once sure no process on any
+    host uses the repository: a lock homesafe can prove stale is cleared without it."""
+    repository = _existing_repository(repository)
+    engine_for(repository.engine).break_lock(repository)
+    _record_job("break-lock", repository.name, ok=True, error="", detail={})
 
 
 def remove_repository(name: str, *, delete_data: bool = False) -> None:

@@ -30,7 +30,9 @@ Works with restic 0.14 (Debian bookworm) and later. How homesafe's ideas map ont
 * **Locks**: restic 0.14 does not wait for a lock. On "already locked" homesafe runs
   ``restic unlock``, which removes only stale locks (of a dead process of this host, or
   not refreshed for 30 minutes), and tries again until ``Repository.lock_wait`` has
-  passed; then it fails naming the holder.
+  passed; then it fails naming the holder, and for another host's lock names
+  ``homesafe repo break-lock`` (``restic unlock --remove-all``), for the user to run
+  once sure that host no longer uses the repository.
 
 restic exits 1 for nearly every error, so errors are classified by its words.
 """
@@ -44,6 +46,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import tarfile
 import tempfile
 import time
@@ -353,8 +356,9 @@ def key_passwd_argv(repository: Repository, new_password_file: str) -> list[str]
     ]
 
 
-def unlock_argv(repository: Repository) -> list[str]:
-    return [RESTIC, "unlock", *common_options(repository)]
+def unlock_argv(repository: Repository, *, remove_all: bool = False) -> list[str]:
+    argv = [RESTIC, "unlock", *common_options(repository)]
+    return [*argv, "--remove-all"] if remove_all else argv
 
 
 # -- running them -------------------------------------------------------------------
@@ -437,7 +441,7 @@ def run_restic(
                 raise RepositoryLockedError(
                     f"repository {repository.name!r} is locked by another process "
                     f"({describe_lock(error.message)}); waited {repository.lock_wait:g} s",
-                    hint=HINTS[RepositoryLockedError],
+                    hint=locked_hint(repository, error.message),
                 ) from error
             if argv[1] != "unlock":
                 # Removes stale locks only: a live holder's lock stays.
@@ -452,6 +456,22 @@ def describe_lock(text: str) -> str:
     since = re.search(r"lock was created at ([^(\n]+)", text)
     described = f"pid {match[1]} on {match[2]}, user {match[3]}"
     return described + (f", since {since[1].strip()}" if since else "")
+
+
+def locked_hint(repository: Repository, text: str) -> str:
+    """What to do about a lock that outlasted the wait. A lock of this host that is
+    still there has a live holder (``restic unlock`` removed it otherwise): wait. One of
+    another host is removed by restic once that host has not refreshed it for 30
+    minutes, or by the user, once sure."""
+    match = re.search(r"locked (?:exclusively )?by PID \d+ on (\S+)", text)
+    if match is None or match[1] == socket.gethostname():
+        return HINTS[RepositoryLockedError]
+    return (
+        f"{HINTS[RepositoryLockedError]} The lock was taken on {match[1]}: restic removes "
+        "it once it has not been refreshed for 30 minutes (a running restic refreshes its "
+        f"lock every 5); once you are sure no process on {match[1]} uses the repository, "
+        f"`homesafe repo break-lock {repository.name}` removes it now."
+    )
 
 
 def _run_restic_once(
@@ -899,6 +919,9 @@ class ResticEngine:
             extra_secrets=[new_passphrase],
             replace_argument=marker,
         )
+
+    def break_lock(self, repository: Repository) -> None:
+        run_restic(repository, unlock_argv(repository, remove_all=True))
 
     def destroy(self, repository: Repository) -> None:
         """Delete a local restic repository (restic has no command for it)."""
