@@ -32,6 +32,7 @@ from homesafe.engines.base import (
     ArchiveEntry,
     ArchiveStats,
     CheckReport,
+    Engine,
     Progress,
     ProgressCallback,
     PruneReport,
@@ -1465,8 +1466,7 @@ def initialize_repository(repository: Repository) -> bool:
     generated = file is not None and not file.exists()
     generate_passphrase(repository)  # a remote probe needs some passphrase to send
     try:
-        if engine.repository_exists(repository):
-            engine.list_archives(repository)  # raises PassphraseError for a wrong passphrase
+        if _opens(engine, repository):
             return False
         if not repository.is_remote:
             Path(repository.location).parent.mkdir(parents=True, exist_ok=True)
@@ -1484,6 +1484,22 @@ def initialize_repository(repository: Repository) -> bool:
         if generated and file is not None:
             file.unlink(missing_ok=True)
         raise
+    return True
+
+
+def _opens(engine: Engine, repository: Repository) -> bool:
+    """True when a repository is at the location and the passphrase opens it; False
+    when there is none; PassphraseError when there is one the passphrase does not open.
+    A remote one is listed straight away: a probe first would cost a round trip more."""
+    if repository.is_remote:
+        try:
+            engine.list_archives(repository)
+        except RepositoryNotFoundError:
+            return False
+        return True
+    if not engine.repository_exists(repository):
+        return False
+    engine.list_archives(repository)  # raises PassphraseError for a wrong passphrase
     return True
 
 
