@@ -542,15 +542,12 @@ def locked_hint(repository: Repository) -> str:
     host = borg_host_id()
     if holders and all(holder == host and not process_is_gone(pid) for holder, pid in holders):
         return HINTS[RepositoryLockedError]
-    where = (
-        "on the server or on another host using the repository"
-        if repository.is_remote
-        else "on any host using the repository"
-    )
+    where = "the server or any other host" if repository.is_remote else "any host"
     return (
         f"{HINTS[RepositoryLockedError]} A lock left by a process that is gone is removed "
         "only when it was taken on the host that finds it; once you are sure no borg or "
-        f"homesafe process {where} uses it, run `homesafe repo break-lock {repository.name}`."
+        f"homesafe process on {where} uses the repository, run "
+        f"`homesafe repo break-lock {repository.name}`."
     )
 
 

@@ -469,7 +469,7 @@ def locked_hint(repository: Repository, text: str) -> str:
     return (
         f"{HINTS[RepositoryLockedError]} The lock was taken on {match[1]}: restic removes "
         "it once it has not been refreshed for 30 minutes (a running restic refreshes its "
-        f"lock every 5); once you are sure no process on {match[1]} uses the repository, "
+        f"lock every 5 minutes); once you are sure no process on {match[1]} uses the repository, "
         f"`homesafe repo break-lock {repository.name}` removes it now."
     )
 
