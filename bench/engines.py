@@ -274,26 +274,30 @@ def main() -> None:
         data = base / "data"
         files = make_data(data, arguments.size_mb)
         size = sum(path.stat().st_size for path in files)
-        sshd = s3 = None
+        sshd = None
         try:
             if "borg-ssh" in targets:
                 sshd = Sshd(base / "sshd")
                 sshd.start()
-            if "restic-s3" in targets:
-                s3 = SeaweedS3(base / "weed")
-                s3.start()
             runs: dict[str, list[dict[str, tuple[float, float]]]] = {kind: [] for kind in targets}
             for round_number in range(arguments.repeats):
                 for kind in targets:
                     work = base / f"{kind}-{round_number}"
                     work.mkdir()
-                    runs[kind].append(run_once(kind, data, files, work, sshd, s3, round_number))
+                    # A new S3 server each round: the test server's volumes hold about
+                    # three rounds of both repositories.
+                    s3 = SeaweedS3(work / "weed") if kind == "restic-s3" else None
+                    try:
+                        if s3 is not None:
+                            s3.start()
+                        runs[kind].append(run_once(kind, data, files, work, sshd, s3, round_number))
+                    finally:
+                        if s3 is not None:
+                            s3.close()
                     shutil.rmtree(work, ignore_errors=True)
         finally:
             if sshd is not None:
                 sshd.close()
-            if s3 is not None:
-                s3.close()
     table = {}
     print(f"data set: {len(files)} files, {size / 1e6:.0f} MB; median of {arguments.repeats}")
     print(f"{'target':<13} {'case':<10} {'homesafe s':>10} {'raw s':>8} {'ratio':>6}")
