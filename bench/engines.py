@@ -19,12 +19,17 @@ median of ``--repeats`` runs of the whole sequence (new repositories each time).
 are warm. The ratio target is homesafe / raw <= 1.05. Figures also go to
 ``bench/results/engines.json``.
 
+homesafe's modules are byte-compiled first, as an installed homesafe's are (and as
+borg's are): a checkout run with ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile
+every module it imports on every timed run (see ``bench/overhead.py``).
+
     .venv/bin/python bench/engines.py [--size-mb N] [--repeats N] [--targets a,b]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -51,6 +56,16 @@ TARGETS = ["borg-local", "borg-ssh", "restic-local", "restic-s3"]
 CASES = ["full", "unchanged", "changed", "restore"]
 RESULTS = ROOT / "bench" / "results" / "engines.json"
 TARGET_RATIO = 1.05
+
+
+def compile_homesafe() -> None:
+    """Byte-compile the homesafe package the ``homesafe`` command imports (``compileall``
+    writes only what is missing or stale)."""
+    spec = importlib.util.find_spec("homesafe")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{sys.executable} cannot import homesafe: run this with its venv")
+    package = next(iter(spec.submodule_search_locations))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
 
 
 def make_data(directory: Path, size_mb: int) -> list[Path]:
@@ -253,31 +268,36 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     arguments = parser.parse_args()
     targets = arguments.targets.split(",")
+    compile_homesafe()
     with tempfile.TemporaryDirectory(prefix="homesafe-bench-engines-") as scratch:
         base = Path(scratch)
         data = base / "data"
         files = make_data(data, arguments.size_mb)
         size = sum(path.stat().st_size for path in files)
-        sshd = s3 = None
+        sshd = None
         try:
             if "borg-ssh" in targets:
                 sshd = Sshd(base / "sshd")
                 sshd.start()
-            if "restic-s3" in targets:
-                s3 = SeaweedS3(base / "weed")
-                s3.start()
             runs: dict[str, list[dict[str, tuple[float, float]]]] = {kind: [] for kind in targets}
             for round_number in range(arguments.repeats):
                 for kind in targets:
                     work = base / f"{kind}-{round_number}"
                     work.mkdir()
-                    runs[kind].append(run_once(kind, data, files, work, sshd, s3, round_number))
+                    # A new S3 server each round: the test server's volumes hold about
+                    # three rounds of both repositories.
+                    s3 = SeaweedS3(work / "weed") if kind == "restic-s3" else None
+                    try:
+                        if s3 is not None:
+                            s3.start()
+                        runs[kind].append(run_once(kind, data, files, work, sshd, s3, round_number))
+                    finally:
+                        if s3 is not None:
+                            s3.close()
                     shutil.rmtree(work, ignore_errors=True)
         finally:
             if sshd is not None:
                 sshd.close()
-            if s3 is not None:
-                s3.close()
     table = {}
     print(f"data set: {len(files)} files, {size / 1e6:.0f} MB; median of {arguments.repeats}")
     print(f"{'target':<13} {'case':<10} {'homesafe s':>10} {'raw s':>8} {'ratio':>6}")

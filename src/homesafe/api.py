@@ -34,6 +34,7 @@ from homesafe.engines.base import (
     ArchiveEntry,
     ArchiveStats,
     CheckReport,
+    Engine,
     Progress,
     ProgressCallback,
     PruneReport,
@@ -78,6 +79,7 @@ __all__ = [
     "Packet",
     "backup_apps",
     "backup_full",
+    "break_lock",
     "change_passphrase",
     "check_repository",
     "delete_archives",
@@ -1621,8 +1623,7 @@ def initialize_repository(repository: Repository) -> bool:
     generated = file is not None and not file.exists()
     generate_passphrase(repository)  # a remote probe needs some passphrase to send
     try:
-        if engine.repository_exists(repository):
-            engine.list_archives(repository)  # raises PassphraseError for a wrong passphrase
+        if _opens(engine, repository):
             return False
         if not repository.is_remote:
             Path(repository.location).parent.mkdir(parents=True, exist_ok=True)
@@ -1640,6 +1641,22 @@ def initialize_repository(repository: Repository) -> bool:
         if generated and file is not None:
             file.unlink(missing_ok=True)
         raise
+    return True
+
+
+def _opens(engine: Engine, repository: Repository) -> bool:
+    """True when a repository is at the location and the passphrase opens it; False
+    when there is none; PassphraseError when there is one the passphrase does not open.
+    A remote one is listed straight away: a probe first would cost a round trip more."""
+    if repository.is_remote:
+        try:
+            engine.list_archives(repository)
+        except RepositoryNotFoundError:
+            return False
+        return True
+    if not engine.repository_exists(repository):
+        return False
+    engine.list_archives(repository)  # raises PassphraseError for a wrong passphrase
     return True
 
 
@@ -1748,6 +1765,15 @@ def change_passphrase(
         raise
     os.replace(pending, file)
     return new
+
+
+def break_lock(repository: Repository | None = None) -> None:
+    """Remove every lock of the repository, whoever holds it (borg ``break-lock``,
+    restic ``unlock --remove-all``). For the user to decide, once sure no process on any
+    host uses the repository: a lock homesafe can prove stale is cleared without it."""
+    repository = _existing_repository(repository)
+    engine_for(repository.engine).break_lock(repository)
+    _record_job("break-lock", repository.name, ok=True, error="", detail={})
 
 
 def remove_repository(name: str, *, delete_data: bool = False) -> None:

@@ -74,9 +74,17 @@ def scheduled_name(now: datetime.datetime | None = None, host: str | None = None
 def from_the_clock(name: str) -> bool:
     """Whether ``name`` is one that :func:`default_name` or :func:`scheduled_name` made
     from the clock in this process (not from a time the caller gave, which may come
-    twice): no earlier archive of this host can bear it, so an engine whose duplicate
-    check costs a call of its own (restic: a listing) may skip that check."""
+    twice), or one :func:`known_to_be_free` vouched for: no earlier archive can bear
+    it, so an engine whose duplicate check costs a call of its own (restic: a listing)
+    may skip that check."""
     return name in _CLOCK_NAMES
+
+
+def known_to_be_free(name: str) -> None:
+    """Vouch for ``name`` as :func:`from_the_clock` does for names read from the clock:
+    its caller has just listed the repository and no archive bears it (the scheduler,
+    whose names carry this host and a time to the microsecond)."""
+    _CLOCK_NAMES.add(name)
 
 
 def _timed_name(now: datetime.datetime | None, host: str | None) -> str:

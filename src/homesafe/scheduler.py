@@ -11,6 +11,11 @@ fails, and once per day while a period is overdue.
 The scheduler remembers its runs through the history; the archives themselves are the
 second source (a state database lost or restored elsewhere does not start a burst of
 backups): before a backup, scheduled archives the history does not know are counted too.
+
+A run lists the repository once, before its backup: that listing serves the decision,
+the new archive's name (known to be free, so restic need not list again to check it)
+and retention afterwards (the archive just made added to it), so a run costs one
+listing and one backup, plus the deletions retention asks for.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from homesafe.errors import (
     EXIT_SUCCESS,
     HomesafeError,
     RepositoryLockedError,
+    RepositoryNotFoundError,
 )
 from homesafe.repositories import Repository
 from homesafe.schedules import Decision, Run, Schedule
@@ -144,21 +150,33 @@ def history_runs(repository: str) -> list[Run]:
     return found
 
 
-def _archive_runs(
-    repository: Repository, known_archives: set[str]
-) -> tuple[list[Run], list[retention.ScheduledArchive]]:
-    """Scheduled archives of the repository, as runs (those the history lacks) and as
-    retention candidates. A repository not created yet has none."""
+@dataclass
+class _Listing:
+    """What one listing of the repository told a run."""
+
+    runs: list[Run]  # scheduled archives the history lacks, as runs
+    scheduled: list[retention.ScheduledArchive]  # retention's candidates
+    names: set[str]  # every archive's name
+
+
+def _list_archives(repository: Repository, known_archives: set[str]) -> _Listing:
+    """The repository's archives as a run needs them. A repository not created yet has
+    none; a remote one is not probed first (a round trip of its own): its listing says
+    whether it is there."""
     engine = engine_for(repository.engine)
-    if not engine.repository_exists(repository):
-        return [], []
-    scheduled = retention.scheduled_archives(engine.list_archives(repository))
+    if not repository.is_remote and not engine.repository_exists(repository):
+        return _Listing([], [], set())
+    try:
+        listed = engine.list_archives(repository)
+    except RepositoryNotFoundError:
+        return _Listing([], [], set())
+    scheduled = retention.scheduled_archives(listed)
     runs = [
         Run(archive.time, archive.periods, True)
         for archive in scheduled
         if archive.name not in known_archives
     ]
-    return runs, scheduled
+    return _Listing(runs, scheduled, {summary.name for summary in listed})
 
 
 def _run_schedule(
@@ -186,14 +204,14 @@ def _back_up(
     try:
         repository = repository_named(name)
         known = {job.archive for job in history.scheduled_jobs(name) if job.archive}
-        archive_runs, _ = _archive_runs(repository, known)
+        listing = _list_archives(repository, known)
     except RepositoryLockedError as error:
         # Someone else (a manual backup, say) is using it: try again at the next check.
         logger.info("schedule of %s waits: %s", name, error.message)
         return Report(name, "repository-busy", schedules.decide(schedule, now, runs))
     except HomesafeError as error:
         return _failed_before_backup(schedule, now, schedules.decide(schedule, now, runs), error)
-    decision = schedules.decide(schedule, now, [*runs, *archive_runs])
+    decision = schedules.decide(schedule, now, [*runs, *listing.runs])
     report = Report(name, "nothing-due", decision)
     if not decision.due:
         return report
@@ -218,7 +236,7 @@ def _back_up(
     try:
         with history.job("backup", name, periods=decision.due, scheduled_at=now) as job:
             report.job = job.id
-            result = _backup(repository, app_ids, known_apps, decision.due, now)
+            result = _backup(repository, app_ids, known_apps, decision.due, now, listing.names)
     except HomesafeError as error:
         report.action = "failed"
         report.error = error.message
@@ -244,7 +262,12 @@ def _back_up(
                 {"archive": result.archive, "job": report.job},
             )
         )  # fmt: skip
-    _prune(schedule, repository, now, report)
+    # The archive just made joins the listing made before it, dated after the backup
+    # (as a new listing would date it): later than `now`, retention leaves it alone.
+    made = retention.ScheduledArchive(
+        result.archive, datetime.datetime.now(UTC), frozenset(decision.due)
+    )
+    _prune(schedule, repository, now, report, [*listing.scheduled, made])
     return report
 
 
@@ -254,11 +277,16 @@ def _backup(
     known_apps: dict[str, App],
     periods: Sequence[str],
     now: datetime.datetime,
+    existing_names: set[str],
 ) -> api.OperationResult:
+    name = archives.scheduled_name(now)
+    if name not in existing_names:
+        # Just listed, and only this host's scheduler (under its lock) makes its names.
+        archives.known_to_be_free(name)
     return api.backup_apps(
         app_ids,
         repository=repository,
-        archive_name=archives.scheduled_name(now),
+        archive_name=name,
         apps=known_apps,
         periods=periods,
     )
@@ -293,12 +321,16 @@ def _send_failure(
 
 
 def _prune(
-    schedule: Schedule, repository: Repository, now: datetime.datetime, report: Report
+    schedule: Schedule,
+    repository: Repository,
+    now: datetime.datetime,
+    report: Report,
+    scheduled: Sequence[retention.ScheduledArchive],
 ) -> None:
-    """Delete the scheduled archives the keep counts no longer hold; record the prune."""
+    """Delete the scheduled archives the keep counts no longer hold among ``scheduled``;
+    record the prune."""
     started = datetime.datetime.now(UTC)
     try:
-        _, scheduled = _archive_runs(repository, set())
         plan = retention.plan(schedule, scheduled, now)
         if not plan.prune:
             return

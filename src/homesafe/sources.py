@@ -109,10 +109,14 @@ class EngineSource:
         """This archive, read by engine calls that wait SIDE_BY_SIDE_LOCK_WAIT seconds at
         most for the repository lock (for calls made side by side; see
         :meth:`describe_and_list`)."""
-        return EngineSource(
+        hasty = EngineSource(
             dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
             self.archive_name,
         )
+        # The same engine object: what a listing learns (restic: the snapshot's id)
+        # serves the extraction of the files later.
+        hasty.engine = self.engine
+        return hasty
 
     def describe_and_list(
         self, known: Sequence[Manifest] = ()

@@ -13,6 +13,7 @@ repository is created once per module and copied for each test where it is a dir
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from tests.integration import test_roundtrip as roundtrip
 from tests.integration.test_roundtrip import two_apps  # noqa: F401 (a fixture)
 from tests.support import s3 as s3_support
 from tests.support import sshd as sshd_support
+from tests.support.engine_calls import EngineCalls
 from tests.support.s3 import SeaweedS3
 from tests.support.sshd import Sshd
 
@@ -363,3 +365,102 @@ def test_restic_extracts_the_snapshot_it_listed(
     engine.extract(repository, result.archive, [str(two_apps / "beta")], extracted)
     assert (extracted / str(two_apps).lstrip("/") / "beta/data/b.txt").read_text() == "beta\n"
     assert (described / archives.METADATA_FILE).is_file()
+
+
+# -- what each operation costs in engine processes ---------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["restic-local", "restic-s3", "borg-ssh"])
+def test_a_backup_is_one_engine_call_and_a_restore_reads_each_part_once(
+    kind: str,
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every engine process costs its start-up (restic: ~0.5 s of key derivation; borg
+    over ssh: a connection and ``borg serve``): a backup makes one, as the engine's own
+    command would, and a restore reads the description, the listing and the files once
+    each (borg, on the host that wrote the archive: no description, its record has it)."""
+    calls = EngineCalls(tmp_path / "calls", monkeypatch)
+    repository = make_repository(kind)
+    engine = repository.engine
+    if kind != "restic-local":
+        # Made by homesafe: a listing says nothing is there (no probe before it), then
+        # the repository is made.
+        made = [command for command in calls.commands(engine) if command != "--version"]
+        assert made == (["snapshots", "init"] if engine == "restic" else ["list", "init"])
+    calls.clear()
+    assert api.backup_apps(repository=repository).status == "ok"
+    if kind != "restic-local":  # made by homesafe: even its first backup is one call
+        assert len(calls.commands(engine)) == 1, calls.all()
+    calls.clear()
+
+    (two_apps / "beta/data/b.txt").write_text("changed\n")
+    result = api.backup_apps(repository=repository)
+
+    assert result.status == "ok", result.to_dict()
+    assert calls.commands(engine) == ["backup" if engine == "restic" else "create"]
+    assert calls.count("ssh") == (1 if kind == "borg-ssh" else 0)
+
+    calls.clear()
+    target = tmp_path / "target"
+    target.mkdir()
+    restored = api.restore_apps(repository=repository, archive_name=result.archive,
+                                target_root=target)  # fmt: skip
+
+    assert restored.status == "ok", restored.to_dict()
+    assert (target / str(two_apps).lstrip("/") / "beta/data/b.txt").read_text() == "changed\n"
+    if engine == "restic":
+        assert sorted(calls.commands("restic")) == ["ls", "restore", "restore"]
+        # The files come from the very snapshot the listing named, by its id.
+        files = calls.all()[-1]
+        assert files[1] == "restore" and "--tag" not in files
+    else:
+        # This host wrote the archive: its local record stands in for the description,
+        # and the listing runs beside the extraction.
+        assert sorted(calls.commands("borg")) == ["extract", "list"]
+        assert calls.count("ssh") == 2
+
+
+@pytest.mark.parametrize("kind", ["restic-s3", "borg-ssh"])
+def test_a_scheduled_run_lists_once_backs_up_once_and_prunes_from_that_listing(
+    kind: str,
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listing made before a scheduled backup serves the decision, the archive's
+    name (restic does not list again to look for it) and retention afterwards."""
+    from homesafe import scheduler, schedules
+
+    calls = EngineCalls(tmp_path / "calls", monkeypatch)
+    repository = make_repository(kind)
+    now = datetime.datetime.now(datetime.UTC)
+    schedule = schedules.load_or_default(repository.name).changed(
+        enabled=True, timezone="UTC", run_at_hour=(now.hour + 12) % 24,
+        daily_to_keep=1, weekly_to_keep=0, monthly_to_keep=0,
+    )  # fmt: skip
+    schedules.save(schedule)
+    listing, backup = ("snapshots", "backup") if kind == "restic-s3" else ("list", "create")
+    # A deletion looks its names up first, so that a name that is not there deletes
+    # nothing (restic deletes by id; borg would be half done).
+    deletion = (
+        [listing, "forget", "prune"] if kind == "restic-s3" else [listing, "delete", "compact"]
+    )
+    calls.clear()
+
+    first = scheduler.run(now).reports[0]
+
+    assert first.action == "backed-up", first.to_dict()
+    assert calls.commands(repository.engine) == [listing, backup]
+    calls.clear()
+
+    second = scheduler.run(now + datetime.timedelta(days=1)).reports[0]
+
+    assert second.action == "backed-up", second.to_dict()
+    assert first.backup is not None and second.backup is not None
+    assert second.pruned == [first.backup["archive"]]
+    assert calls.commands(repository.engine) == [listing, backup, *deletion]
+    assert [archive.name for archive in api.list_archives(repository)] == [second.backup["archive"]]

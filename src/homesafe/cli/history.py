@@ -30,7 +30,7 @@ def _styled(status: str | None) -> str:
 @click.option("--repository", "--repo", "repository_name", metavar="NAME", help="Only NAME's.")
 @click.option(
     "--operation",
-    type=click.Choice(["backup", "restore", "prune", "check", "verify"]),
+    type=click.Choice(["backup", "restore", "prune", "check", "verify", "break-lock"]),
     help="Only this kind of job.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)

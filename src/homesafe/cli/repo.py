@@ -1,5 +1,6 @@
-"""``homesafe repo``: add, list, show, check, prune, remove and trust repositories; and the
-``--repo NAME`` option every command that touches archives takes."""
+"""``homesafe repo``: add, list, show, check, prune, remove and trust repositories, and
+break their locks; and the ``--repo NAME`` option every command that touches archives
+takes."""
 
 from __future__ import annotations
 
@@ -382,6 +383,30 @@ def remove_command(name: str, delete_data: bool, yes: bool) -> None:
         click.echo(f"Deleted repository {name!r} and its archives")
     else:
         click.echo(f"Forgot repository {name!r}; its data is still at {repository.location}")
+
+
+@repo_group.command("break-lock")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def break_lock_command(name: str, yes: bool) -> None:
+    """Remove every lock of a repository, whoever holds it.
+
+    A lock left by a dead process of this host is cleared without this; a lock taken on
+    another host (or, over ssh, one the server cannot prove stale) stays until you break
+    it. Do it only when no homesafe, borg or restic process on any host uses the
+    repository: breaking a live process's lock can damage the repository.
+    """
+    from homesafe import api, repositories
+
+    repository = repositories.get(name)
+    if not yes:
+        click.confirm(
+            f"Remove every lock of repository {name!r} at {repository.location}? Only do this "
+            "when no homesafe, borg or restic process on any host uses it.",
+            abort=True,
+        )
+    api.break_lock(repository)
+    click.echo(f"Removed the locks of repository {name!r}")
 
 
 @repo_group.command("trust")

@@ -11,7 +11,9 @@ Besides archives, an engine looks after its repositories: facts for ``repo show`
 retention policy with the space given back, keys and passphrase changes. A repository
 locked by a live process is waited for up to ``Repository.lock_wait`` seconds, then
 :class:`~homesafe.errors.RepositoryLockedError`; a lock left by a dead process is
-cleared when the engine can tell it is dead.
+cleared when the engine can tell it is dead (a process of the host that took it). A
+lock it cannot tell about (another host's) stays until the user breaks it
+(:meth:`Engine.break_lock`), and the error says so.
 """
 
 from __future__ import annotations
@@ -269,4 +271,10 @@ class Engine(Protocol):
 
     def destroy(self, repository: Repository) -> None:
         """Delete the repository and every archive in it, for good."""
+        ...
+
+    def break_lock(self, repository: Repository) -> None:
+        """Remove every lock of the repository, whoever holds it: the user's decision
+        (``homesafe repo break-lock``) for a lock whose holder the engine cannot prove
+        gone, such as one of another host."""
         ...

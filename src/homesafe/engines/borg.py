@@ -16,7 +16,11 @@ borg itself removes a lock whose holder is a dead process of this host; when it 
 times out, homesafe reads the lock of a local repository and runs ``borg break-lock``
 only if every holder is a process of this host that is gone (a zombie counts as gone:
 borg's own check takes it for alive), then tries once more. A live holder makes the
-command fail with a :class:`RepositoryLockedError` naming it.
+command fail with a :class:`RepositoryLockedError` naming it. Over ssh the lock is
+taken by ``borg serve`` on the server, which removes a lock of a dead process of its own
+host itself; a lock of another host (one sharing the repository's disk, or a server
+renamed) cannot be proven dead from here or there: the error says so and names
+``homesafe repo break-lock``, which the user runs once sure nothing uses the repository.
 """
 
 from __future__ import annotations
@@ -531,6 +535,22 @@ def describe_lock(repository: Repository) -> str:
     )
 
 
+def locked_hint(repository: Repository) -> str:
+    """What to do about a lock that outlasted the wait: wait for a live holder of this
+    host; break, once sure, a lock no process here can be proven to hold."""
+    holders = lock_holders(repository)
+    host = borg_host_id()
+    if holders and all(holder == host and not process_is_gone(pid) for holder, pid in holders):
+        return HINTS[RepositoryLockedError]
+    where = "the server or any other host" if repository.is_remote else "any host"
+    return (
+        f"{HINTS[RepositoryLockedError]} A lock left by a process that is gone is removed "
+        "only when it was taken on the host that finds it; once you are sure no borg or "
+        f"homesafe process on {where} uses the repository, run "
+        f"`homesafe repo break-lock {repository.name}`."
+    )
+
+
 def create_progress(
     on_progress: ProgressCallback | None,
 ) -> Callable[[dict[str, Any]], None]:
@@ -597,7 +617,8 @@ def classify(error: CommandError, repository: Repository) -> EngineError:
         f"process ({describe_lock(repository)}); waited {repository.lock_wait:g} s",
     }.get(error_class, f"borg failed on repository {repository.name!r}")
     detail = text.strip() or error.message
-    return error_class(f"{summary}: {detail}", hint=HINTS.get(error_class))
+    hint = locked_hint(repository) if error_class is RepositoryLockedError else None
+    return error_class(f"{summary}: {detail}", hint=hint or HINTS.get(error_class))
 
 
 class BorgEngine:
@@ -620,6 +641,9 @@ class BorgEngine:
         return True
 
     def initialize(self, repository: Repository) -> None:
+        # An unsupported borg is refused before the repository is made, and the version
+        # is remembered then: the first backup need not ask borg for it.
+        version()
         run_borg(repository, init_argv(repository))
 
     def create(
@@ -827,6 +851,9 @@ class BorgEngine:
             environment={"BORG_NEW_PASSPHRASE": new_passphrase},
             secrets=[new_passphrase],
         )
+
+    def break_lock(self, repository: Repository) -> None:
+        run_borg(repository, break_lock_argv(repository))
 
     def destroy(self, repository: Repository) -> None:
         run_borg(

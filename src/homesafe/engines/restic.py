@@ -21,8 +21,8 @@ Works with restic 0.14 (Debian bookworm) and later. How homesafe's ideas map ont
   from the clock), for a repository this host has no record of, and when the
   remembered parent is gone.
 * **Reading an archive** takes three restic processes (description, listing, files):
-  the listing starts alongside the extraction of the description, and the files are
-  extracted from the snapshot the listing named by id.
+  :class:`homesafe.sources.EngineSource` makes the first two side by side, and the
+  files are extracted from the snapshot the listing named by id.
 * **Passphrase**: through a pipe (``RESTIC_PASSWORD_FILE=/dev/fd/N``), never argv or the
   environment; ``RESTIC_PASSWORD*`` inherited from the caller are removed.
 * **Remote**: sftp through homesafe's ssh key and known_hosts (``-o sftp.command``); S3
@@ -30,7 +30,9 @@ Works with restic 0.14 (Debian bookworm) and later. How homesafe's ideas map ont
 * **Locks**: restic 0.14 does not wait for a lock. On "already locked" homesafe runs
   ``restic unlock``, which removes only stale locks (of a dead process of this host, or
   not refreshed for 30 minutes), and tries again until ``Repository.lock_wait`` has
-  passed; then it fails naming the holder.
+  passed; then it fails naming the holder, and for another host's lock names
+  ``homesafe repo break-lock`` (``restic unlock --remove-all``), for the user to run
+  once sure that host no longer uses the repository.
 
 restic exits 1 for nearly every error, so errors are classified by its words.
 """
@@ -44,13 +46,14 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from homesafe import archives, execute, locations
 from homesafe.engines.base import (
@@ -85,9 +88,6 @@ from homesafe.repositories import (
     diagnose_ssh,
     ssh_command,
 )
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future
 
 RESTIC = "restic"
 # restic 0.14: "backup" exits 3 when some source files could not be read.
@@ -356,8 +356,9 @@ def key_passwd_argv(repository: Repository, new_password_file: str) -> list[str]
     ]
 
 
-def unlock_argv(repository: Repository) -> list[str]:
-    return [RESTIC, "unlock", *common_options(repository)]
+def unlock_argv(repository: Repository, *, remove_all: bool = False) -> list[str]:
+    argv = [RESTIC, "unlock", *common_options(repository)]
+    return [*argv, "--remove-all"] if remove_all else argv
 
 
 # -- running them -------------------------------------------------------------------
@@ -440,7 +441,7 @@ def run_restic(
                 raise RepositoryLockedError(
                     f"repository {repository.name!r} is locked by another process "
                     f"({describe_lock(error.message)}); waited {repository.lock_wait:g} s",
-                    hint=HINTS[RepositoryLockedError],
+                    hint=locked_hint(repository, error.message),
                 ) from error
             if argv[1] != "unlock":
                 # Removes stale locks only: a live holder's lock stays.
@@ -455,6 +456,22 @@ def describe_lock(text: str) -> str:
     since = re.search(r"lock was created at ([^(\n]+)", text)
     described = f"pid {match[1]} on {match[2]}, user {match[3]}"
     return described + (f", since {since[1].strip()}" if since else "")
+
+
+def locked_hint(repository: Repository, text: str) -> str:
+    """What to do about a lock that outlasted the wait. A lock of this host that is
+    still there has a live holder (``restic unlock`` removed it otherwise): wait. One of
+    another host is removed by restic once that host has not refreshed it for 30
+    minutes, or by the user, once sure."""
+    match = re.search(r"locked (?:exclusively )?by PID \d+ on (\S+)", text)
+    if match is None or match[1] == socket.gethostname():
+        return HINTS[RepositoryLockedError]
+    return (
+        f"{HINTS[RepositoryLockedError]} The lock was taken on {match[1]}: restic removes "
+        "it once it has not been refreshed for 30 minutes (a running restic refreshes its "
+        f"lock every 5 minutes); once you are sure no process on {match[1]} uses the repository, "
+        f"`homesafe repo break-lock {repository.name}` removes it now."
+    )
 
 
 def _run_restic_once(
@@ -521,20 +538,6 @@ def classify(error: CommandError, repository: Repository) -> EngineError:
     return error_class(f"{summary}: {detail}", hint=HINTS.get(error_class))
 
 
-def _in_background(
-    function: Callable[..., execute.Completed], *arguments: Any
-) -> Future[execute.Completed]:
-    """``function(*arguments)`` run in a thread of its own; its result or error is the
-    future's. The thread ends with the call, whether anybody asks for the result."""
-    from concurrent.futures import ThreadPoolExecutor  # here: few commands need it
-
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restic")
-    try:
-        return executor.submit(function, *arguments)
-    finally:
-        executor.shutdown(wait=False)
-
-
 def _json_lines(text: str) -> Iterator[dict[str, Any]]:
     for line in text.splitlines():
         if line.startswith("{"):
@@ -553,9 +556,8 @@ class ResticEngine:
 
     def __init__(self) -> None:
         # Per archive, keyed by (location, name): its snapshot's full id once a listing
-        # told it, and a listing started alongside the extraction of its description.
+        # told it.
         self._snapshot_ids: dict[tuple[str, str], str] = {}
-        self._listings: dict[tuple[str, str], Future[execute.Completed]] = {}
 
     def repository_exists(self, repository: Repository) -> bool:
         """Local: the repository's files are there. Remote: restic opens it (a wrong
@@ -699,11 +701,7 @@ class ResticEngine:
         self, repository: Repository, archive_name: str, paths: Sequence[str] = ()
     ) -> list[ArchiveEntry]:
         key = (restic_location(repository), archive_name)
-        started = self._listings.pop(key, None)
-        if started is not None:
-            completed = started.result()
-        else:
-            completed = run_restic(repository, ls_argv(repository, archive_name))
+        completed = run_restic(repository, ls_argv(repository, archive_name))
         records = list(_json_lines(completed.stdout))
         snapshot_paths: list[str] = []
         entries = []
@@ -742,19 +740,9 @@ class ResticEngine:
         on_progress: ProgressCallback | None = None,
     ) -> list[str]:
         """``restic restore`` of ``paths``; the snapshot is named by its id once a
-        listing told it, so that what is extracted is what was listed.
-
-        Extracting an archive's description is the first step of reading it, and its
-        listing comes next (:func:`homesafe.api.read_archive`, restores): that listing
-        is started at once, alongside, in a restic process of its own (restic's shared
-        locks let both in), so that the two key derivations overlap.
-        """
-        key = (restic_location(repository), archive_name)
-        described_first = tuple(paths) == archives.DESCRIPTION_MEMBERS
-        if described_first and key not in self._snapshot_ids and key not in self._listings:
-            listing = ls_argv(repository, archive_name)
-            self._listings[key] = _in_background(run_restic, repository, listing)
-        snapshot = self._snapshot_ids.get(key, archive_name)
+        listing (by this engine object) told it, so that what is extracted is what was
+        listed."""
+        snapshot = self._snapshot_ids.get((restic_location(repository), archive_name), archive_name)
         run_restic(repository, restore_argv(repository, snapshot, paths, target_root))
         if on_progress is not None:
             on_progress(Progress("extract", current=None, finished=True))
@@ -931,6 +919,9 @@ class ResticEngine:
             extra_secrets=[new_passphrase],
             replace_argument=marker,
         )
+
+    def break_lock(self, repository: Repository) -> None:
+        run_restic(repository, unlock_argv(repository, remove_all=True))
 
     def destroy(self, repository: Repository) -> None:
         """Delete a local restic repository (restic has no command for it)."""
