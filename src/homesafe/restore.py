@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homesafe import journal, locations
+from homesafe import allocation, journal, locations
 from homesafe.archives import PathSize
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
 from homesafe.errors import HomesafeError
@@ -83,6 +83,7 @@ class StagingArea:
             self.entry = journal.active().record(journal.TEMPORARY_DIRECTORY, {"path": str(root)})
             root.mkdir(mode=0o700)
             self.root = root
+            allocation.spread_subdirectories(root)  # before "new": see the module
             (root / "new").mkdir()
             (root / "old").mkdir()
         return self.root

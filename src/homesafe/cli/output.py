@@ -28,8 +28,12 @@ def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False)
 
 
+PRELOAD_DELAY_SECONDS = 0.3
+
+
 def preload_tables() -> None:
-    """Import what :func:`print_operation` needs, in a daemon thread, and return at once.
+    """Import what :func:`print_operation` needs, in a daemon thread a moment later, and
+    return at once.
 
     For commands that wait for an engine for a while (a restore): rich's modules take
     some 60 ms to import, which would otherwise come after the engine is done, between
@@ -40,7 +44,12 @@ def preload_tables() -> None:
         import rich.console
         import rich.table  # noqa: F401
 
-    threading.Thread(target=load, name="preload-rich", daemon=True).start()
+    # After a moment: until the engine has started, the thread would only take the
+    # interpreter lock from the start-up work in front of it.
+    timer = threading.Timer(PRELOAD_DELAY_SECONDS, load)
+    timer.name = "preload-rich"
+    timer.daemon = True
+    timer.start()
 
 
 def human_size(size: float) -> str:

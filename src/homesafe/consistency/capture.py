@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from homesafe import execute, journal, locations
+from homesafe import allocation, execute, journal, locations
 from homesafe.consistency import snapshots
 from homesafe.consistency.view import PRIVATE_NAMESPACE_ARGV, wrapper_argv
 from homesafe.engines.base import ReadView
@@ -375,6 +375,7 @@ class Captures:
             self._staging = self._stack.enter_context(
                 journal.temporary_directory(root, f"{self.run_name}-")
             )
+            allocation.spread_subdirectories(self._staging)
         copy = self._staging / app_id / f"{self._next_number()}-{Path(path).name or 'root'}"
         copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return copy
