@@ -16,8 +16,8 @@ homesafe runs, with the same options, into a repository of its own (``borg creat
 --compression zstd,3``; ``restic backup --compression auto``; ``borg extract``;
 ``restic restore``). The two sides alternate who goes first, and each figure is the
 median of ``--repeats`` runs of the whole sequence (new repositories each time). Caches
-are warm. The ratio target is homesafe / raw <= 1.05. Figures also go to
-``bench/results/engines.json``.
+are warm; dirty pages are written out (``sync``, untimed) before each timed command. The
+ratio target is homesafe / raw <= 1.05. Figures also go to ``bench/results/engines.json``.
 
 homesafe's modules are byte-compiled first, as an installed homesafe's are (and as
 borg's are): a checkout run with ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile
@@ -100,7 +100,15 @@ def change_files(files: list[Path], share: float, round_number: int) -> None:
         path.write_bytes(bytes(data))
 
 
+def settle() -> None:
+    """Write out dirty pages before a timed command (untimed), so that neither side pays
+    for the writeback of what the command before it wrote: a restore leaves ~200 MB
+    dirty, and a command run while the kernel flushes it took up to twice as long."""
+    os.sync()
+
+
 def timed(argv: list[str], environment: dict[str, str], cwd: Path | None = None) -> float:
+    settle()
     started = time.monotonic()
     completed = subprocess.run(
         argv, env=environment, cwd=cwd, capture_output=True, text=True, check=False
@@ -191,6 +199,7 @@ class Target:
         return timed(argv, self.raw_environment, cwd)
 
     def homesafe_backup(self) -> float:
+        settle()
         started = time.monotonic()
         completed = subprocess.run(
             [HOMESAFE, "backup", "bench", "--repo", "bench", "--json"],

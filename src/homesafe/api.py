@@ -47,6 +47,7 @@ from homesafe.errors import (
     EXIT_PARTIAL,
     EXIT_SUCCESS,
     AppNotFoundError,
+    ArchiveNotFoundError,
     CommandError,
     EngineError,
     HomesafeError,
@@ -488,18 +489,24 @@ def _record_archive(
     staging: Path,
     path_sizes: dict[str, archives.PathSize],
 ) -> None:
-    """Keep a local record of the archive just written to each borg repository that
-    has it (see :mod:`homesafe.archives`), so that restoring it here needs no reading
-    of the archive before extracting. A record that cannot be written is only missed."""
-    written = {d.repository for d in result.destinations if d.status == "ok"}
+    """Keep a local record of the archive just written to each repository that has it
+    (see :mod:`homesafe.archives`), so that restoring it here needs no reading of the
+    archive before extracting. A restic archive is recorded with its snapshot id, and
+    not at all if restic did not report one. A record that cannot be written is only
+    missed."""
+    written = {d.repository: d.engine_stats for d in result.destinations if d.status == "ok"}
     for repository in repositories:
-        if repository.engine != "borg" or (written and repository.name not in written):
+        if written and repository.name not in written:
+            continue
+        stats = written.get(repository.name) if written else result.engine_stats
+        archive_id = stats.archive_id if stats is not None else ""
+        if repository.engine == "restic" and not archive_id:
             continue
         directory = archives.record_directory(locations.home(), repository.name, result.archive)
         if directory is None:
             continue
         try:
-            archives.save_record(directory, staging, repository.location, path_sizes)
+            archives.save_record(directory, staging, repository.location, path_sizes, archive_id)
         except OSError as error:
             logger.warning("could not keep a record of archive %s: %s", result.archive, error)
 
@@ -1074,14 +1081,16 @@ class _StaleRecord(Exception):
 
 
 def _archive_record(source: ArchiveSource) -> archives.ArchiveRecord | None:
-    """The local record of the archive ``source`` reads, if this host kept one (borg
-    repositories only)."""
-    if not isinstance(source, EngineSource) or source.repository.engine != "borg":
+    """The local record of the archive ``source`` reads, if this host kept one."""
+    if not isinstance(source, EngineSource):
         return None
     directory = archives.record_directory(
         locations.home(), source.repository.name, source.archive_name
     )
-    return archives.load_record(directory, source.repository.location)
+    record = archives.load_record(directory, source.repository.location)
+    if record is not None and source.repository.engine != "borg" and not record.archive_id:
+        return None  # a restic archive is addressed by its id: names are only tags
+    return record
 
 
 def _stage_from_record(
@@ -1099,12 +1108,24 @@ def _stage_from_record(
     SIDE_BY_SIDE_LOCK_WAIT seconds at most for the repository lock (calls meeting on
     borg's lock roster would otherwise sleep a tenth of the whole lock wait); one that
     still finds the repository locked is made again afterwards, alone, with the
-    repository's own lock wait.
+    repository's own lock wait. An archive the record addresses by id (restic) is read
+    by that id; an archive that is gone makes the record stale as well.
     """
+    assert run.record is not None and isinstance(run.source, EngineSource)
+    try:
+        return _stage_and_list(run, plans, on_progress)
+    except ArchiveNotFoundError as error:
+        raise _StaleRecord() from error
+
+
+def _stage_and_list(
+    run: _RestoreRun, plans: list[restore.AppPlan], on_progress: ProgressCallback | None
+) -> list[str]:
+    """The work of :func:`_stage_from_record`."""
     from concurrent.futures import ThreadPoolExecutor
 
     assert run.record is not None and isinstance(run.source, EngineSource)
-    source = run.source
+    source = run.source.by_id(run.record.archive_id) if run.record.archive_id else run.source
     hasty = source.hasty()
     paths = [archives.RUN_MARKER_DIRECTORY]
     paths += sorted({path.archive_path for plan in plans for path in plan.paths})

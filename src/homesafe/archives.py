@@ -13,9 +13,10 @@ from any other of the same name in a listing, without extracting anything.
 Besides, the host that wrote an archive keeps a *record* of it (:func:`save_record`,
 under ``$HOMESAFE_HOME/archive-records/<repository>/<archive>/``): a copy of the
 archive's own ``.homesafe/`` files (run marker included) and the size of each captured
-path as measured after the engine read it. A restore on that host plans from the record
-instead of reading the archive first, and checks, in the archive's listing, that the
-run marker is the record's before anything is swapped in.
+path as measured after the engine read it, and, for restic, the snapshot's id. A
+restore on that host plans from the record instead of reading the archive first (a
+restic restore addresses the snapshot by the recorded id), and checks, in the archive's
+listing, that the run marker is the record's before anything is swapped in.
 """
 
 from __future__ import annotations
@@ -388,11 +389,13 @@ class PathSize:
 class ArchiveRecord:
     """A record this host kept of an archive it wrote: ``directory`` holds a copy of
     the archive's ``.homesafe/`` files, ``run_id`` its run marker's id, ``sizes`` each
-    captured path's size."""
+    captured path's size, ``archive_id`` the engine's id of the archive when it has
+    one (restic's snapshot id; empty for borg, whose names are unique)."""
 
     directory: Path
     run_id: str
     sizes: dict[str, PathSize]
+    archive_id: str = ""
 
 
 def record_directory(home: Path, repository_name: str, archive_name: str) -> Path | None:
@@ -405,10 +408,15 @@ def record_directory(home: Path, repository_name: str, archive_name: str) -> Pat
 
 
 def save_record(
-    directory: Path, metadata_root: Path, location: str, sizes: dict[str, PathSize]
+    directory: Path,
+    metadata_root: Path,
+    location: str,
+    sizes: dict[str, PathSize],
+    archive_id: str = "",
 ) -> None:
     """Record an archive just written: its ``.homesafe/`` files (read from
-    ``metadata_root``, the directory the engine archived them from) and ``sizes``.
+    ``metadata_root``, the directory the engine archived them from), ``sizes`` and the
+    engine's ``archive_id`` (if any).
 
     Written into a new directory renamed into place, so a reader never sees half a
     record; an older record of the same name is replaced. Only the RECORDS_KEPT newest
@@ -423,6 +431,7 @@ def save_record(
             "format": RECORD_FORMAT,
             "location": location,
             "sizes": {path: [size.bytes, size.entries] for path, size in sizes.items()},
+            "archive_id": archive_id,
         }
         (partial / RECORD_FILE).write_text(json.dumps(document, sort_keys=True))
         if directory.exists():
@@ -480,10 +489,13 @@ def load_record(directory: Path | None, location: str) -> ArchiveRecord | None:
         }
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
+    archive_id = document.get("archive_id", "")
+    if not isinstance(archive_id, str):
+        return None
     try:
         markers = os.listdir(directory / RUN_MARKER_DIRECTORY)
     except OSError:
         return None
     if len(markers) != 1:
         return None
-    return ArchiveRecord(directory, markers[0], sizes)
+    return ArchiveRecord(directory, markers[0], sizes, archive_id)

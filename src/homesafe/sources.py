@@ -105,6 +105,14 @@ class EngineSource:
         """The archive's entries (those below ``paths`` when given)."""
         return self.engine.list_contents(self.repository, self.archive_name, paths)
 
+    def by_id(self, archive_id: str) -> EngineSource:
+        """This archive addressed by the engine's id of it (restic: a snapshot id) rather
+        than by its name; the label keeps the name."""
+        addressed = EngineSource(self.repository, archive_id)
+        addressed.label = self.label
+        addressed.engine = self.engine
+        return addressed
+
     def hasty(self) -> EngineSource:
         """This archive, read by engine calls that wait SIDE_BY_SIDE_LOCK_WAIT seconds at
         most for the repository lock (for calls made side by side; see
@@ -113,6 +121,7 @@ class EngineSource:
             dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
             self.archive_name,
         )
+        hasty.label = self.label
         # The same engine object: what a listing learns (restic: the snapshot's id)
         # serves the extraction of the files later.
         hasty.engine = self.engine

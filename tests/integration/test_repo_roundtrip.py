@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from homesafe import api, repositories
+from homesafe import api, archives, locations, repositories
 from homesafe.repositories import Repository
 from tests.conftest import requires_program
 from tests.integration import test_roundtrip as roundtrip
@@ -380,8 +381,8 @@ def test_a_backup_is_one_engine_call_and_a_restore_reads_each_part_once(
 ) -> None:
     """Every engine process costs its start-up (restic: ~0.5 s of key derivation; borg
     over ssh: a connection and ``borg serve``): a backup makes one, as the engine's own
-    command would, and a restore reads the description, the listing and the files once
-    each (borg, on the host that wrote the archive: no description, its record has it)."""
+    command would, and a restore on the host that wrote the archive makes two side by
+    side, the extraction and the listing (no description: the host's record has it)."""
     calls = EngineCalls(tmp_path / "calls", monkeypatch)
     repository = make_repository(kind)
     engine = repository.engine
@@ -412,15 +413,53 @@ def test_a_backup_is_one_engine_call_and_a_restore_reads_each_part_once(
     assert restored.status == "ok", restored.to_dict()
     assert (target / str(two_apps).lstrip("/") / "beta/data/b.txt").read_text() == "changed\n"
     if engine == "restic":
-        assert sorted(calls.commands("restic")) == ["ls", "restore", "restore"]
-        # The files come from the very snapshot the listing named, by its id.
-        files = calls.all()[-1]
-        assert files[1] == "restore" and "--tag" not in files
+        assert sorted(calls.commands("restic")) == ["ls", "restore"]
+        # Both address the very snapshot the backup wrote, by the id it reported.
+        record = archives.load_record(
+            archives.record_directory(locations.home(), repository.name, result.archive),
+            repository.location,
+        )
+        # restic 0.14 reports the short id of a new snapshot, later ones the full id.
+        assert record is not None and re.fullmatch("[0-9a-f]{8,64}", record.archive_id)
+        for argv in calls.all():
+            assert record.archive_id in argv and "--tag" not in argv, argv
     else:
         # This host wrote the archive: its local record stands in for the description,
         # and the listing runs beside the extraction.
         assert sorted(calls.commands("borg")) == ["extract", "list"]
         assert calls.count("ssh") == 2
+
+
+def test_a_restic_record_whose_snapshot_is_gone_is_found_out(
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restic archive deleted and written again under the same name: the record
+    kept of the first names a snapshot id that is gone, so the restore reads the
+    archive by its name instead, restores exactly what it holds, and drops the record."""
+    repository = make_repository("restic-local")
+    api.backup_apps(repository=repository, archive_name="again")
+    record = archives.record_directory(locations.home(), repository.name, "again")
+    assert record is not None
+    stale = two_apps.parent / "stale-record"
+    shutil.copytree(record, stale)
+    api.delete_archives(["again"], repository=repository)
+    assert not record.exists()  # deleting forgets the record
+    (two_apps / "beta/data/late.txt").write_text("written after the first backup\n")
+    expected = roundtrip.snapshot_tree(two_apps)
+    api.backup_apps(repository=repository, archive_name="again")
+    shutil.rmtree(record)
+    shutil.copytree(stale, record)
+    (two_apps / "beta/data/late.txt").write_text("changed since\n")
+    (two_apps / "alpha/data/notes.txt").unlink()
+
+    result = api.restore_apps("again", repository=repository)
+
+    assert result.status == "ok", result.to_dict()
+    assert roundtrip.snapshot_tree(two_apps) == expected
+    assert not record.exists()
+    assert "the local record of archive again is stale" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["restic-s3", "borg-ssh"])

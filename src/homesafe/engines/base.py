@@ -73,6 +73,9 @@ class ArchiveStats:
     file_count: int = 0
     duration: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # The engine's own id of the archive when it names archives by id as well (restic:
+    # the snapshot id), else empty; what an archive record addresses the archive by.
+    archive_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {

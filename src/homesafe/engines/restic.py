@@ -120,7 +120,12 @@ ERRORS_BY_TEXT: list[tuple[re.Pattern[str], type[EngineError]]] = [
         RepositoryNotFoundError,
     ),
     (
-        re.compile(r"no snapshot found|no matching ID found|invalid id|no snapshot matched"),
+        # An id prefix (restic 0.14 reports a new snapshot by its short id) that has
+        # come to match several snapshots names none of them.
+        re.compile(
+            r"no snapshot found|no matching ID found|invalid id|no snapshot matched"
+            r"|multiple IDs with prefix"
+        ),
         ArchiveNotFoundError,
     ),
 ]
@@ -684,6 +689,7 @@ class ResticEngine:
             file_count=int(summary.get("total_files_processed", 0)),
             duration=float(summary.get("total_duration", 0.0)),
             warnings=warnings,
+            archive_id=str(summary.get("snapshot_id") or ""),
         )
 
     def list_archives(self, repository: Repository) -> list[ArchiveSummary]:
