@@ -17,9 +17,9 @@ import contextlib
 import json
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +91,11 @@ def load_apps(apps_directory: Path | None = None, *, entry_points: bool = True) 
             apps.append(App(manifest, str(path)))
         except ManifestError as error:
             problems.extend(error.problems)
-    cache.save()
     if entry_points:
-        for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            source = f"entry point {entry_point.name} ({entry_point.value})"
+        for name, value in cache.entry_points():
+            source = f"entry point {name} ({value})"
             try:
-                implementation = entry_point.load()
+                implementation = _load_entry_point(name, value)
                 raw_manifest = implementation.manifest
             except Exception as error:
                 problems.append(ManifestProblem(source, "", f"cannot be loaded: {error}"))
@@ -105,10 +104,40 @@ def load_apps(apps_directory: Path | None = None, *, entry_points: bool = True) 
                 apps.append(App(parse_manifest(raw_manifest, source), source, implementation))
             except ManifestError as error:
                 problems.extend(error.problems)
+    cache.save()
     problems.extend(cross_app_problems(apps))
     if problems:
         raise ManifestError(problems)
     return {app.id: app for app in apps}
+
+
+def _load_entry_point(name: str, value: str) -> Any:
+    """The object an entry point of ENTRY_POINT_GROUP names (importing its module)."""
+    from importlib.metadata import EntryPoint
+
+    return EntryPoint(name, value, ENTRY_POINT_GROUP).load()
+
+
+def _installed_entry_points() -> list[tuple[str, str]]:
+    """(name, value) of every entry point of ENTRY_POINT_GROUP the installed
+    distributions declare."""
+    from importlib import metadata
+
+    return [(entry.name, entry.value) for entry in metadata.entry_points(group=ENTRY_POINT_GROUP)]
+
+
+def _search_path_identity() -> list[list[Any]]:
+    """sys.path with each entry's modification time: installing, upgrading or removing
+    a distribution adds or removes its ``*.dist-info`` directory, which changes the
+    time of the directory holding it."""
+    identity: list[list[Any]] = []
+    for entry in sys.path:
+        try:
+            modified: int | None = os.stat(entry or ".").st_mtime_ns
+        except OSError:
+            modified = None
+        identity.append([entry, modified])
+    return identity
 
 
 def manifest_files(directory: Path) -> list[Path]:
@@ -150,15 +179,18 @@ class ManifestCache:
 
     Validation imports pydantic, which alone costs more start-up time than homesafe may
     add to a backup; a manifest whose file has not changed (same inode, size, mtime and
-    ctime, and the same homesafe version) is rebuilt from the cache instead. The cache
+    ctime, and the same homesafe version) is rebuilt from the cache instead. The app
+    entry points installed are kept there too (see :meth:`entry_points`). The cache
     lives in the state directory (0700), so only who may change homesafe's state may
     change it; a cache that cannot be read or written is simply not used.
     """
 
     FILE_NAME = "manifest-cache.json"
 
-    def __init__(self, entries: dict[str, Any]) -> None:
+    def __init__(self, entries: dict[str, Any], found_entry_points: Any = None) -> None:
         self.entries = entries
+        # What entry_points() found last, and for which sys.path (see there).
+        self.found_entry_points = found_entry_points
         self.changed = False
 
     @classmethod
@@ -170,7 +202,7 @@ class ManifestCache:
         if not isinstance(document, dict) or document.get("homesafe") != __version__:
             return cls({})
         entries = document.get("manifests")
-        return cls(entries if isinstance(entries, dict) else {})
+        return cls(entries if isinstance(entries, dict) else {}, document.get("entry_points"))
 
     @staticmethod
     def identity(status: os.stat_result) -> list[int]:
@@ -198,10 +230,30 @@ class ManifestCache:
         }
         self.changed = True
 
+    def entry_points(self) -> list[tuple[str, str]]:
+        """The app entry points installed, as (name, value): from the cache while no
+        directory of sys.path changed, else found by :mod:`importlib.metadata`, which
+        is not even imported otherwise (its imports alone cost some 10-20 ms)."""
+        identity = _search_path_identity()
+        cached = self.found_entry_points
+        if isinstance(cached, dict) and cached.get("search_path") == identity:
+            try:
+                return [(str(name), str(value)) for name, value in cached["entry_points"]]
+            except (KeyError, TypeError, ValueError):
+                pass
+        found = _installed_entry_points()
+        self.found_entry_points = {"search_path": identity, "entry_points": found}
+        self.changed = True
+        return found
+
     def save(self) -> None:
         if not self.changed:
             return
-        document = {"homesafe": __version__, "manifests": self.entries}
+        document = {
+            "homesafe": __version__,
+            "manifests": self.entries,
+            "entry_points": self.found_entry_points,
+        }
         with contextlib.suppress(OSError):
             locations.ensure_home()
             locations.write_secret_file(locations.home() / self.FILE_NAME, json.dumps(document))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -331,8 +332,9 @@ nothing = object()
 
 
 @pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A function that installs a fake distribution with entry points on sys.path."""
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, homesafe_env: Path) -> Iterator[Any]:
+    """A function that installs a fake distribution with entry points on sys.path
+    (homesafe's state, where found entry points are cached, in the test's directory)."""
     directory = tmp_path / "site"
     directory.mkdir()
     modules: list[str] = []
@@ -433,3 +435,52 @@ def test_entry_points_can_be_left_out(site: Any, tmp_path: Path) -> None:
     site({"fakeapp": "{module}:app"})
     assert load_apps(tmp_path / "none", entry_points=False) == {}
     assert apps_module.ENTRY_POINT_GROUP == "homesafe.apps"
+
+
+def test_entry_points_found_once_are_not_looked_for_again_until_something_is_installed(
+    site: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looking for entry points imports importlib.metadata and reads every installed
+    distribution: done once, then again only when a directory of sys.path changed."""
+    site({"fakeapp": "{module}:app"})
+    assert list(load_apps(tmp_path / "none")) == ["fakeapp"]
+    looked = 0
+    real = apps_module._installed_entry_points
+
+    def counting() -> list[tuple[str, str]]:
+        nonlocal looked
+        looked += 1
+        return real()
+
+    monkeypatch.setattr(apps_module, "_installed_entry_points", counting)
+    assert list(load_apps(tmp_path / "none")) == ["fakeapp"]
+    assert list(load_apps(tmp_path / "none")) == ["fakeapp"]
+    assert looked == 0
+    # Another distribution installed beside it: its directory changed.
+    other = tmp_path / "site" / "otherapp-2.0.dist-info"
+    other.mkdir()
+    (other / "METADATA").write_text("Metadata-Version: 2.1\nName: otherapp\nVersion: 2.0\n")
+    (other / "entry_points.txt").write_text(
+        "[homesafe.apps]\nghost = no_such_module_for_homesafe_tests:app\n"
+    )
+    with pytest.raises(ManifestError, match="entry point ghost"):
+        load_apps(tmp_path / "none")
+    assert looked == 1
+
+
+def test_a_backup_without_app_entry_points_does_not_import_importlib_metadata(
+    homesafe_env: Path,
+) -> None:
+    """Once the cache knows there are none, loading the apps imports nothing of
+    importlib.metadata (some 10-20 ms of start-up)."""
+    program = (
+        "import sys; from homesafe import apps; apps.load_apps(); "
+        "print('importlib.metadata' in sys.modules)"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert runs == ["True", "False"]
