@@ -148,21 +148,6 @@ def _require_borg(repository: Repository) -> None:
         )
 
 
-def _journal_made(description: str, undo: list[str], removes: Path | None = None) -> int:
-    """Record in the operation's journal a snapshot, mount or subvolume just made, so
-    that recovery undoes it with the argv ``undo`` if homesafe dies holding it.
-
-    Recorded once it exists, not before: ``btrfs subvolume delete`` or ``umount`` of
-    something never made would fail every later recovery. ``removes``: the path
-    ``undo`` deletes; recovery skips the undo when it is gone already (deleted just
-    before homesafe died, the closing unwritten).
-    """
-    data: dict[str, object] = {"description": description, "undo": undo}
-    if removes is not None:
-        data["if_exists"] = str(removes)
-    return journal.active().record(journal.COMMAND, data)
-
-
 def source_subvolume(path: str | os.PathLike[str]) -> Subvolume:
     """The btrfs subvolume whose root is ``path``; raises (before anything is changed)
     when ``path`` is not on btrfs or not the root of a subvolume."""
@@ -344,13 +329,14 @@ def backup_full(
         made = journal.make_directory(snapshot_directory, "snapshots")
         clock = time.monotonic()
         result.snapshot_time = _now()
-        taken = snapshots.take_snapshot(source, snapshot_directory, name, read_only=False)
+        destination = Path(os.path.realpath(snapshot_directory)) / name
+        with journal.command_to_undo(
+            f"delete the snapshot {destination}",
+            snapshots.delete_subvolume_argv(destination),
+            if_exists=destination,
+        ) as entry:
+            taken = snapshots.take_snapshot(source, snapshot_directory, name, read_only=False)
         result.snapshot_seconds = time.monotonic() - clock
-        entry = _journal_made(
-            f"delete the snapshot {taken.path}",
-            snapshots.delete_subvolume_argv(taken.path),
-            removes=taken.path,
-        )
         result.snapshot = str(taken.path)
         _write_metadata(taken.path, result, comment, patterns, mounted)
         # From here on nothing can change what borg reads.
@@ -483,8 +469,10 @@ def _parent_directory(current: Subvolume) -> Iterator[tuple[Path, str]]:
     )
     try:
         options = [f"subvolid={snapshots.BTRFS_TOP_LEVEL_ID}"]
-        snapshots.mount(current.mount.source, target, options=options, filesystem="btrfs")
-        entry = _journal_made(f"unmount {target}", snapshots.unmount_argv(target))
+        with journal.command_to_undo(
+            f"unmount {target}", snapshots.unmount_argv(target), if_mounted=target
+        ) as entry:
+            snapshots.mount(current.mount.source, target, options=options, filesystem="btrfs")
         try:
             yield target / parent_name.lstrip("/"), "through a temporary mount of the top level"
         finally:
@@ -615,12 +603,13 @@ def restore_full(
                 f"{current.name or 'the top level'}",
                 hint="Give another name with --subvolume-name.",
             )
-        created = snapshots.create_subvolume(target)
-        entry = _journal_made(
-            f"delete the half-restored subvolume {created.path}",
-            snapshots.delete_subvolume_argv(created.path),
-            removes=created.path,
-        )
+        destination = Path(os.path.realpath(parent)) / new_name
+        with journal.command_to_undo(
+            f"delete the half-restored subvolume {destination}",
+            snapshots.delete_subvolume_argv(destination),
+            if_exists=destination,
+        ) as entry:
+            created = snapshots.create_subvolume(target)
         full_name = posixpath.join(posixpath.dirname(current.name), new_name)
         result.new_subvolume = full_name
         result.new_subvolume_id = created.id

@@ -321,6 +321,63 @@ def record_lockdown(app_id: str, flag: Path, leave: list[str] | None, timeout: f
     )
 
 
+@contextlib.contextmanager
+def command_to_undo(
+    description: str,
+    undo: list[str],
+    *,
+    if_exists: str | os.PathLike[str] | None = None,
+    if_mounted: str | os.PathLike[str] | None = None,
+) -> Iterator[int]:
+    """Record, in :func:`active`, a change the body is about to make (a snapshot, a
+    mount, a subvolume) and the argv that undoes it; yields the entry's number.
+
+    Recorded before it is made, so that homesafe killed at any instant leaves it
+    recorded. The guard makes that safe: recovery runs ``undo`` only if ``if_exists``
+    exists or ``if_mounted`` is a mount point, so a change never made (or undone
+    already, its closing unwritten) is not undone again. If the body raises and the
+    guard says nothing was made, the entry is closed.
+    """
+    if (if_exists is None) == (if_mounted is None):
+        raise ValueError("command_to_undo needs exactly one guard: if_exists or if_mounted")
+    data: dict[str, Any] = {"description": description, "undo": undo}
+    # What is there already is not homesafe's to undo.
+    if if_exists is not None and os.path.lexists(if_exists):
+        raise HomesafeError(f"{os.fspath(if_exists)} exists already: homesafe did not make it")
+    if if_mounted is not None and is_mount_point(if_mounted):
+        raise HomesafeError(f"something is mounted on {os.fspath(if_mounted)} already")
+    if if_exists is not None:
+        data["if_exists"] = os.fspath(if_exists)
+    if if_mounted is not None:
+        data["if_mounted"] = os.fspath(if_mounted)
+    journal = active()
+    entry = journal.record(COMMAND, data)
+    try:
+        yield entry
+    except BaseException:
+        if not _guard_holds(data):
+            journal.undone(entry)
+        raise
+
+
+def _guard_holds(data: dict[str, Any]) -> bool:
+    """Whether the change a COMMAND entry's guard watches is there to undo (True for an
+    entry without a guard)."""
+    if data.get("if_exists"):
+        return os.path.lexists(data["if_exists"])
+    if data.get("if_mounted"):
+        return is_mount_point(data["if_mounted"])
+    return True
+
+
+def is_mount_point(path: str | os.PathLike[str]) -> bool:
+    """Whether something is mounted on ``path`` (as this process sees the mounts)."""
+    from homesafe.consistency.snapshots import read_mounts
+
+    resolved = os.path.realpath(path)
+    return any(mount.mount_point == resolved for mount in read_mounts())
+
+
 # -- undoing ----------------------------------------------------------------------------
 
 
@@ -438,11 +495,13 @@ def _undo_settings(entry: Entry, later: list[Entry]) -> str:
 
 
 def _undo_command(entry: Entry, later: list[Entry]) -> str:
-    # ``if_exists``: the undo removes that path, and one already gone (removed just
-    # before homesafe died, its closing unwritten) needs nothing.
-    guard = entry.data.get("if_exists")
-    if guard and not os.path.lexists(guard):
-        return f"{guard} was gone already"
+    # The guards (see command_to_undo): ``if_exists``, the path the undo removes;
+    # ``if_mounted``, the mount point it unmounts. Nothing there (never made, or undone
+    # just before homesafe died, its closing unwritten) needs nothing.
+    if not _guard_holds(entry.data):
+        guard = entry.data.get("if_exists") or entry.data.get("if_mounted")
+        what = "gone already" if entry.data.get("if_exists") else "not mounted"
+        return f"{guard} was {what}"
     execute.run(
         entry.data["undo"], timeout=float(entry.data.get("timeout") or UNDO_COMMAND_TIMEOUT)
     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from homesafe import journal, locks, state
-from homesafe.errors import OperationLockedError
+from homesafe.errors import HomesafeError, OperationLockedError
 
 
 def journal_files(homesafe_env: Path) -> list[Path]:
@@ -370,3 +371,100 @@ def test_service_controller_writes_each_stop_down_before_making_it(homesafe_env:
     # Started again, or failed and reported: either way nothing is left to recover.
     assert journal.active().pending() == []
     assert journal_files(homesafe_env) == []
+
+
+# -- changes recorded before they are made (snapshots, mounts, subvolumes) ---------------
+
+
+def test_a_change_is_on_disk_before_the_body_makes_it(homesafe_env: Path) -> None:
+    made = homesafe_env / "made"
+    with journal.command_to_undo("make it", ["rm", "-r", str(made)], if_exists=made) as number:
+        (path,) = journal_files(homesafe_env)
+        (line,) = [json.loads(text) for text in path.read_text().splitlines()[1:]]
+        assert line["entry"] == number and line["data"]["if_exists"] == str(made)
+        made.mkdir()
+    journal.active().undone(number)
+
+
+def test_a_body_that_failed_before_making_anything_closes_its_entry(homesafe_env: Path) -> None:
+    never = homesafe_env / "never"
+    with pytest.raises(RuntimeError), journal.command_to_undo("x", ["true"], if_exists=never):
+        raise RuntimeError("the snapshot command failed")
+    assert journal.active().pending() == []
+    assert journal_files(homesafe_env) == []
+
+
+def test_a_body_that_failed_after_making_it_leaves_it_to_recovery(homesafe_env: Path) -> None:
+    made = homesafe_env / "half"
+    undo = ["rm", "-r", str(made)]
+    with pytest.raises(RuntimeError), journal.command_to_undo("x", undo, if_exists=made):
+        made.mkdir()
+        raise RuntimeError("failed after making it")
+    (pending,) = journal.active().pending()
+    journal.active().undone(pending.number)
+
+
+def test_what_exists_already_is_not_recorded_as_homesafes(homesafe_env: Path) -> None:
+    theirs = homesafe_env / "theirs"
+    theirs.mkdir()
+    undo = ["rm", "-r", str(theirs)]
+    with (
+        pytest.raises(HomesafeError, match="exists already"),
+        journal.command_to_undo("x", undo, if_exists=theirs),
+    ):
+        pass
+    assert theirs.is_dir() and journal.active().pending() == []
+
+
+def test_recovery_undoes_only_what_the_guard_finds(homesafe_env: Path) -> None:
+    """Killed after recording and before making (or after undoing, before closing):
+    there is nothing to undo, and the undo (which would fail) is not run."""
+    log = homesafe_env / "log"
+    made = homesafe_env / "made"
+    made.mkdir()
+    dead_journal(
+        homesafe_env,
+        entry(1, journal.COMMAND, undo=["sh", "-c", f"echo made >> {log}"], if_exists=str(made)),
+        entry(2, journal.COMMAND, undo=["false"], if_exists=str(homesafe_env / "never")),
+        entry(3, journal.COMMAND, undo=["false"], if_mounted=str(homesafe_env)),
+    )
+
+    report = journal.recover()
+
+    assert log.read_text().split() == ["made"]
+    assert [action.status for action in report.actions] == ["done"] * 3
+    descriptions = [action.description for action in report.actions]
+    assert f"{homesafe_env} was not mounted" in descriptions
+    assert f"{homesafe_env / 'never'} was gone already" in descriptions
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_mount_is_recorded_before_it_is_made_and_recovered_by_its_mount_point(
+    homesafe_env: Path,
+) -> None:
+    target = homesafe_env / "mounted"
+    target.mkdir()
+    unmount = ["umount", "--", str(target)]
+    with journal.command_to_undo("mount", unmount, if_mounted=target) as number:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+    try:
+        assert journal.is_mount_point(target)
+        with (
+            pytest.raises(HomesafeError, match="mounted on"),
+            journal.command_to_undo("again", unmount, if_mounted=target),
+        ):
+            pass
+        # As a killed process leaves it: the entry open, its lock gone.
+        path = journal.active().path
+        assert path is not None
+        records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+        left = dead_journal(homesafe_env, *records, name="2-99999")
+        journal.active().keep(number, "handed to the dead journal of this test")
+
+        report = journal.recover()
+
+        assert [action.status for action in report.actions] == ["done"]
+        assert not journal.is_mount_point(target) and not left.exists()
+    finally:
+        if journal.is_mount_point(target):
+            subprocess.run(unmount, check=True)

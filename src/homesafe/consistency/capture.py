@@ -462,40 +462,32 @@ class Captures:
         """Snapshot ``volume`` and mount the snapshot read-only; returns where."""
         name = re.sub(r"[^A-Za-z0-9+_.-]", "_", f"homesafe-{self._next_name()}")[:120]
         wanted = snapshots.LogicalVolume(volume.volume_group, name)
-        # Recorded before it is made: the guard skips the undo if it never came to be.
-        entry = journal.active().record(
-            journal.COMMAND,
-            {
-                "description": f"LVM snapshot {wanted.full_name} of {volume.full_name}",
-                "undo": snapshots.lvm_remove_argv(wanted),
-                "if_exists": f"/dev/{wanted.full_name}",
-            },
-        )
-        try:
-            taken = snapshots.take_lvm_snapshot(volume, name)
-        except HomesafeError:
-            # lvcreate may have made it before failing (to activate it, say).
-            with contextlib.suppress(HomesafeError):
-                snapshots.delete_lvm_snapshot(wanted)
-            if not os.path.lexists(f"/dev/{wanted.full_name}"):
-                journal.active().undone(entry)
-            raise
+        with journal.command_to_undo(
+            f"LVM snapshot {wanted.full_name} of {volume.full_name}",
+            snapshots.lvm_remove_argv(wanted),
+            if_exists=f"/dev/{wanted.full_name}",
+        ) as entry:
+            try:
+                taken = snapshots.take_lvm_snapshot(volume, name)
+            except HomesafeError:
+                # lvcreate may have made it before failing (to activate it, say).
+                with contextlib.suppress(HomesafeError):
+                    snapshots.delete_lvm_snapshot(wanted)
+                raise
         self._lvm_snapshots.append((taken, entry))
         mounts = locations.ensure_home() / "mnt"
         mounts.mkdir(mode=0o700, exist_ok=True)
         target = mounts / name
         self._make_holder(target, "a snapshot mount")
-        snapshots.mount(
-            taken.device or f"/dev/{taken.full_name}",
-            target,
-            options=snapshots.snapshot_mount_options(mount.filesystem_type),
-            filesystem=mount.filesystem_type,
-        )
-        # Recorded once mounted: an unmount of nothing would fail every recovery.
-        unmount = journal.active().record(
-            journal.COMMAND,
-            {"description": f"unmount {target}", "undo": snapshots.unmount_argv(target)},
-        )
+        with journal.command_to_undo(
+            f"unmount {target}", snapshots.unmount_argv(target), if_mounted=target
+        ) as unmount:
+            snapshots.mount(
+                taken.device or f"/dev/{taken.full_name}",
+                target,
+                options=snapshots.snapshot_mount_options(mount.filesystem_type),
+                filesystem=mount.filesystem_type,
+            )
         self._lvm_mounts.append((target, unmount))
         return target
 
@@ -512,16 +504,14 @@ class Captures:
         if subvolume.path in self._taken_now:
             return self._taken_now[subvolume.path]
         self._make_holder(holder, "snapshots")
-        taken = snapshots.take_snapshot(subvolume, holder, self._next_name())
-        # Journaled once it exists: recovery deletes it if homesafe dies holding it.
-        entry = journal.active().record(
-            journal.COMMAND,
-            {
-                "description": f"snapshot {taken.path} of {subvolume.path}",
-                "undo": snapshots.delete_subvolume_argv(taken.path),
-                "if_exists": str(taken.path),
-            },
-        )
+        name = self._next_name()
+        destination = Path(os.path.realpath(holder)) / name
+        with journal.command_to_undo(
+            f"snapshot {destination} of {subvolume.path}",
+            snapshots.delete_subvolume_argv(destination),
+            if_exists=destination,
+        ) as entry:
+            taken = snapshots.take_snapshot(subvolume, holder, name)
         self._snapshots.append((taken.path, entry))
         self._taken_now[subvolume.path] = taken.path
         return taken.path
