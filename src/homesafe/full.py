@@ -330,11 +330,7 @@ def backup_full(
         clock = time.monotonic()
         result.snapshot_time = _now()
         destination = Path(os.path.realpath(snapshot_directory)) / name
-        with journal.command_to_undo(
-            f"delete the snapshot {destination}",
-            snapshots.delete_subvolume_argv(destination),
-            if_exists=destination,
-        ) as entry:
+        with journal.subvolume_to_make(f"delete the snapshot {destination}", destination) as entry:
             taken = snapshots.take_snapshot(source, snapshot_directory, name, read_only=False)
         result.snapshot_seconds = time.monotonic() - clock
         result.snapshot = str(taken.path)
@@ -604,10 +600,8 @@ def restore_full(
                 hint="Give another name with --subvolume-name.",
             )
         destination = Path(os.path.realpath(parent)) / new_name
-        with journal.command_to_undo(
-            f"delete the half-restored subvolume {destination}",
-            snapshots.delete_subvolume_argv(destination),
-            if_exists=destination,
+        with journal.subvolume_to_make(
+            f"delete the half-restored subvolume {destination}", destination
         ) as entry:
             created = snapshots.create_subvolume(target)
         full_name = posixpath.join(posixpath.dirname(current.name), new_name)

@@ -360,6 +360,16 @@ def command_to_undo(
         raise
 
 
+def subvolume_to_make(
+    description: str, path: str | os.PathLike[str]
+) -> contextlib.AbstractContextManager[int]:
+    """:func:`command_to_undo` for a btrfs subvolume or snapshot about to be made at
+    ``path`` (a resolved path): undone by deleting it."""
+    from homesafe.consistency.snapshots import delete_subvolume_argv
+
+    return command_to_undo(description, delete_subvolume_argv(path), if_exists=path)
+
+
 def _guard_holds(data: dict[str, Any]) -> bool:
     """Whether the change a COMMAND entry's guard watches is there to undo (True for an
     entry without a guard)."""

@@ -506,10 +506,8 @@ class Captures:
         self._make_holder(holder, "snapshots")
         name = self._next_name()
         destination = Path(os.path.realpath(holder)) / name
-        with journal.command_to_undo(
-            f"snapshot {destination} of {subvolume.path}",
-            snapshots.delete_subvolume_argv(destination),
-            if_exists=destination,
+        with journal.subvolume_to_make(
+            f"snapshot {destination} of {subvolume.path}", destination
         ) as entry:
             taken = snapshots.take_snapshot(subvolume, holder, name)
         self._snapshots.append((taken.path, entry))
