@@ -94,6 +94,7 @@ def run(
     on_record: JsonRecordCallback | None = None,
     on_stderr_line: Callable[[str], None] | None = None,
     stdout_path: str | os.PathLike[str] | None = None,
+    on_stdout_record: JsonRecordCallback | None = None,
 ) -> Completed:
     """Run ``argv`` to its end and return what it left.
 
@@ -101,7 +102,9 @@ def run(
     ``remove_environment`` are taken out (borg's rule: a program that does not need a
     passphrase does not get one). Lines of stderr that are JSON objects are parsed and
     passed to ``on_record``; other lines go to ``on_stderr_line``. With ``stdout_path``
-    the program's stdout is written to that file instead of being captured.
+    the program's stdout is written to that file instead of being captured; else lines
+    of stdout that are JSON objects are passed, as they come, to ``on_stdout_record``
+    (restic reports progress there).
 
     Raises :class:`CommandNotFoundError` when the program does not exist,
     :class:`CommandTimeoutError` after killing a program that ran past ``timeout``, and
@@ -184,10 +187,17 @@ def run(
 
         def read_stdout() -> None:
             assert process.stdout is not None
+            partial = b""
             with process.stdout:
                 # Chunk by chunk: if a daemon keeps the pipe open, what came before stays.
                 while chunk := os.read(process.stdout.fileno(), 65536):
                     stdout_chunks.append(chunk)
+                    if on_stdout_record is not None:
+                        *lines, partial = (partial + chunk).split(b"\n")
+                        for line in lines:
+                            record = _parse_json_line(line.decode("utf-8", "replace"))
+                            if record is not None:
+                                on_stdout_record(record)
 
         stdout_thread = None
         if stdout_file is None:

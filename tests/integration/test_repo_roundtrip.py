@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from homesafe import api, archives, locations, repositories
+from homesafe.engines.base import Progress
 from homesafe.repositories import Repository
 from tests.conftest import requires_program
 from tests.integration import test_roundtrip as roundtrip
@@ -428,6 +429,29 @@ def test_a_backup_is_one_engine_call_and_a_restore_reads_each_part_once(
         # and the listing runs beside the extraction.
         assert sorted(calls.commands("borg")) == ["extract", "list"]
         assert calls.count("ssh") == 2
+
+
+def test_a_restic_backup_reports_its_progress_while_it_runs(
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+) -> None:
+    """restic's status lines become progress reports as they come: bytes done out of
+    restic's count of the bytes to read, the file it is reading."""
+    repository = make_repository("restic-local")
+    (two_apps / "alpha/data/large.bin").write_bytes(os.urandom(48 * 1024 * 1024))
+    reports: list[Progress] = []
+
+    result = api.backup_apps(repository=repository, on_progress=reports.append)
+
+    assert result.status == "ok", result.to_dict()
+    running = [report for report in reports if report.operation == "create" and report.current]
+    from_restic = [report for report in running if not report.finished and report.message]
+    assert from_restic, [(r.current, r.total, r.message, r.finished) for r in reports]
+    assert any(report.message.startswith(str(two_apps)) for report in from_restic)
+    done = [report.current for report in from_restic]
+    assert done == sorted(done) and 0 < done[-1] <= 49 * 1024 * 1024
+    assert all(report.total and report.total >= report.current for report in from_restic)
+    assert reports[-1].finished
 
 
 def test_a_restic_record_whose_snapshot_is_gone_is_found_out(

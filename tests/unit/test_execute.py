@@ -282,6 +282,38 @@ def test_json_lines_become_records_and_message_ids() -> None:
     assert "a plain line" in error.stderr_tail
 
 
+def test_json_lines_of_stdout_reach_their_callback_as_they_come() -> None:
+    """restic reports progress on stdout: each JSON line is handed over while the
+    program still runs (a line split across reads included), and stdout is still
+    returned whole."""
+    arrived: list[tuple[dict[str, Any], float]] = []
+    argv = python(
+        """
+        import sys, time
+        sys.stdout.write('{"message_type": "status", "bytes_done": 1}\\n{"message_')
+        sys.stdout.flush()
+        time.sleep(0.2)
+        sys.stdout.write('type": "status", "bytes_done": 2}\\nnot json\\n')
+        sys.stdout.flush()
+        time.sleep(1)
+        print('{"message_type": "summary"}')
+        """
+    )
+
+    completed = execute.run(
+        argv, on_stdout_record=lambda record: arrived.append((record, time.monotonic()))
+    )
+    ended = time.monotonic()
+
+    assert [record for record, _ in arrived] == [
+        {"message_type": "status", "bytes_done": 1},
+        {"message_type": "status", "bytes_done": 2},
+        {"message_type": "summary"},
+    ]
+    assert ended - arrived[1][1] >= 0.8  # handed over a second before the end
+    assert completed.stdout.count("message_type") == 3 and "not json" in completed.stdout
+
+
 def test_completed_records_messages_and_ids() -> None:
     warning = {**BORG_ERROR, "levelname": "WARNING", "message": "file changed", "msgid": None}
     argv = python(

@@ -84,9 +84,14 @@ def progress_bar(description: str, enabled: bool) -> Iterator[ProgressCallback |
         transient=True,
     )
     task = bar.add_task(description, total=None, path="")
+    largest_total = 0.0
 
     def update(report: Progress) -> None:
-        if report.total:
+        nonlocal largest_total
+        # Totals come from homesafe's measure of the paths and from the engine's own
+        # count, which grows while it still scans (restic): the largest is the nearest.
+        if report.total and report.total > largest_total:
+            largest_total = report.total
             bar.update(task, total=report.total)
         if report.current is not None:
             bar.update(task, completed=report.current, path=report.message[-50:])

@@ -378,7 +378,7 @@ def password_pipes(
     environment = {
         "RESTIC_CACHE_DIR": str(locations.home() / "restic-cache"),
         # One progress line every 5 s is plenty in a log; restic's default is 60/s on
-        # a terminal.
+        # a terminal. A progress bar gets more (PROGRESS_FPS_SHOWN).
         "RESTIC_PROGRESS_FPS": "0.2",
     }
     secrets: list[str] = []
@@ -418,10 +418,12 @@ def run_restic(
     extra_secrets: Sequence[str] = (),
     replace_argument: str | None = None,
     wrapper: Sequence[str] = (),
+    on_stdout_record: execute.JsonRecordCallback | None = None,
 ) -> execute.Completed:
     """Run one restic command for ``repository``, turning its errors into homesafe's.
 
     ``wrapper``: an argv prefix that restic runs under (a capture view).
+    ``on_stdout_record``: called with each JSON line of stdout as it comes.
 
     While the repository is locked by another process, stale locks are removed and the
     command is tried again, up to ``repository.lock_wait`` seconds. ``extra_secrets``
@@ -440,6 +442,7 @@ def run_restic(
                 extra_secrets,
                 replace_argument,
                 wrapper,
+                on_stdout_record,
             )
         except RepositoryLockedError as error:
             if time.monotonic() >= deadline:
@@ -488,11 +491,14 @@ def _run_restic_once(
     extra_secrets: Sequence[str],
     replace_argument: str | None,
     wrapper: Sequence[str] = (),
+    on_stdout_record: execute.JsonRecordCallback | None = None,
 ) -> execute.Completed:
     removed = ["RESTIC_PASSWORD", "RESTIC_PASSWORD_COMMAND", "RESTIC_PASSWORD_FILE"]
     if repository.passphrase_environment:
         removed.append(repository.passphrase_environment)
     with password_pipes(repository, extra_secrets) as (environment, fds, secrets, paths):
+        if on_stdout_record is not None:
+            environment["RESTIC_PROGRESS_FPS"] = PROGRESS_FPS_SHOWN
         if replace_argument is not None:
             argv = [paths[0] if part == replace_argument else part for part in argv]
         try:
@@ -506,6 +512,7 @@ def _run_restic_once(
                 accept_returncodes=accept_returncodes,
                 working_directory=working_directory,
                 stdout_path=stdout_path,
+                on_stdout_record=on_stdout_record,
             )
         except CommandError as error:
             raise classify(error, repository) from error
@@ -541,6 +548,36 @@ def classify(error: CommandError, repository: Repository) -> EngineError:
     }.get(error_class, f"restic failed on repository {repository.name!r}")
     detail = text.strip() or error.message
     return error_class(f"{summary}: {detail}", hint=HINTS.get(error_class))
+
+
+# Status lines a second while a progress bar is shown.
+PROGRESS_FPS_SHOWN = "20"
+
+
+def backup_progress(
+    on_progress: ProgressCallback | None,
+) -> execute.JsonRecordCallback | None:
+    """A handler of ``restic backup --json`` output lines turning its status lines
+    (PROGRESS_FPS_SHOWN a second) into Progress; None without ``on_progress``."""
+    if on_progress is None:
+        return None
+    report = on_progress
+
+    def on_record(record: dict[str, Any]) -> None:
+        if record.get("message_type") != "status":
+            return
+        total = record.get("total_bytes")
+        current = record.get("current_files") or [""]
+        report(
+            Progress(
+                "create",
+                current=float(record.get("bytes_done", 0) or 0),
+                total=float(total) if total else None,
+                message=str(current[-1]),
+            )
+        )
+
+    return on_record
 
 
 def _json_lines(text: str) -> Iterator[dict[str, Any]]:
@@ -657,6 +694,7 @@ class ResticEngine:
                 accept_returncodes=(0, INCOMPLETE_SNAPSHOT),
                 working_directory=working_directory,
                 wrapper=view.wrapper if view is not None else (),
+                on_stdout_record=backup_progress(on_progress),
             )
 
         try:
