@@ -5,7 +5,8 @@ each app's status, strategy, downtime, size and errors, and the whole result as 
 :func:`record_operation` is called by the operations themselves at their end; a
 scheduled run opens its job first with :func:`job`, so that an attempt that dies half
 way is still seen (its row stays ``running`` with the pid of a process that is gone,
-which listings show as ``interrupted``), and the operation's result then fills that row.
+or that was started after the row by a pid reused since, which listings show as
+``interrupted``), and the operation's result then fills that row.
 
 Recording never fails an operation: a state database that cannot be written is logged.
 Passphrases never reach this table (results carry none; errors are masked upstream).
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from homesafe import state
+from homesafe import processes, state
 
 if TYPE_CHECKING:
     from homesafe.api import OperationResult
@@ -409,18 +410,6 @@ def _parse_time(value: Any) -> datetime.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _jobs_from_rows(connection: sqlite3.Connection, rows: list[Any]) -> list[Job]:
     if not rows:
         return []
@@ -450,7 +439,10 @@ def _jobs_from_rows(connection: sqlite3.Connection, rows: list[Any]) -> list[Job
         error,
         detail,
     ) in rows:
-        if status == "running" and not _process_alive(process):
+        opened = _parse_time(started)
+        if status == "running" and not processes.alive(
+            process, recorded_at=opened.timestamp() if opened else None
+        ):
             status = "interrupted"
         found.append(
             Job(

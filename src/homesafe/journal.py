@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from homesafe import execute, locations, locks
+from homesafe import execute, locations, locks, processes
 from homesafe.errors import HomesafeError, OperationLockedError
 
 __all__ = [
@@ -784,14 +784,6 @@ def _remove_unfinished(path: Path) -> None:
         os.close(descriptor)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _clear_orphaned_flags(report: RecoveryReport, dry_run: bool) -> None:
     """Lockdown flags whose setter is gone and no journal accounts for (a homesafe older
     than the journal, or a flag set by hand with a pid)."""
@@ -800,10 +792,12 @@ def _clear_orphaned_flags(report: RecoveryReport, dry_run: bool) -> None:
         return
     for flag in sorted(flags.iterdir()):
         try:
-            pid = int(json.loads(flag.read_text()).get("pid", 0))
-        except (OSError, ValueError, AttributeError):
+            record = json.loads(flag.read_text())
+            pid = int(record.get("pid", 0))
+            since = float(record["since"]) if record.get("since") is not None else None
+        except (OSError, ValueError, AttributeError, TypeError):
             continue
-        if pid <= 0 or pid == os.getpid() or _process_alive(pid):
+        if pid <= 0 or pid == os.getpid() or processes.alive(pid, recorded_at=since):
             continue
         description = f"lift the lockdown of {flag.name} (its process {pid} is gone)"
         if dry_run:

@@ -301,6 +301,24 @@ def test_two_schedule_run_commands_never_overlap(apps: Path, server: RecordingSe
     assert [job.status for job in history.jobs()] == ["ok"]
 
 
+def test_a_running_row_whose_pid_was_reused_since_is_shown_interrupted(apps: Path) -> None:
+    """A row left 'running' by a killed run, whose pid a process started later has
+    taken (here: this test's own process, for a row dated before it started)."""
+    from homesafe import state
+
+    opened = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    with state.connect() as connection:
+        connection.execute(
+            "INSERT INTO jobs (operation, trigger, status, repository, archive, started, "
+            "scheduled_at, periods, process, error, detail) "
+            "VALUES ('backup', 'scheduled', 'running', 'default', '', ?, NULL, '[]', ?, "
+            "'', '{}')",
+            (opened.isoformat(), os.getpid()),
+        )
+    (job,) = history.jobs()
+    assert job.status == "interrupted"
+
+
 def test_an_interrupted_run_is_shown_as_such_and_counts_as_an_attempt(
     apps: Path, server: RecordingServer
 ) -> None:

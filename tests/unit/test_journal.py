@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,29 @@ def test_a_lockdown_flag_of_a_dead_process_without_journal_is_cleared(
 
     assert sorted(os.listdir(flags)) == ["mine"]
     assert [action.description for action in report.actions] == ["lifted the lockdown of orphan"]
+
+
+def test_a_lockdown_flag_whose_pid_was_reused_since_is_cleared(homesafe_env: Path) -> None:
+    """The pid in a flag now names a live process, but one started after the flag was
+    set (a pid reused since): the setter is gone. A flag of a live process that set it
+    stays."""
+    flags = homesafe_env / "home" / "lockdown"
+    flags.mkdir(parents=True)
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        reused = {"pid": live.pid, "operation": "backup", "since": time.time() - 3600}
+        (flags / "reused").write_text(json.dumps(reused))
+        (flags / "held").write_text(json.dumps({**reused, "since": time.time()}))
+
+        report = journal.recover()
+
+        assert sorted(os.listdir(flags)) == ["held"]
+        assert [action.description for action in report.actions] == [
+            "lifted the lockdown of reused"
+        ]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_unknown_kinds_are_reported_not_guessed(homesafe_env: Path) -> None:
