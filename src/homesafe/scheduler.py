@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,13 +262,25 @@ def _back_up(
                 {"archive": result.archive, "job": report.job},
             )
         )  # fmt: skip
-    # The archive just made joins the listing made before it, dated after the backup
-    # (as a new listing would date it): later than `now`, retention leaves it alone.
-    made = retention.ScheduledArchive(
-        result.archive, datetime.datetime.now(UTC), frozenset(decision.due)
-    )
-    _prune(schedule, repository, now, report, [*listing.scheduled, made])
+    scheduled = with_archive_made(listing.scheduled, result.archive, now, decision.due)
+    _prune(schedule, repository, now, report, scheduled)
     return report
+
+
+def with_archive_made(
+    scheduled: Sequence[retention.ScheduledArchive],
+    archive_name: str,
+    now: datetime.datetime,
+    periods: Iterable[str],
+) -> list[retention.ScheduledArchive]:
+    """The scheduled archives listed before a run's backup, with the archive it made.
+
+    The new archive is dated ``now``, the run's time, not when the engine wrote it (a
+    moment later): retention ignores archives dated after the time it is given, and
+    must count this one, the newest, so that the repository is left with the keep
+    counts, the new archive among them (not one archive more until the next run).
+    """
+    return [*scheduled, retention.ScheduledArchive(archive_name, now, frozenset(periods))]
 
 
 def _backup(

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from homesafe import archives
+from homesafe import archives, scheduler
 from homesafe.engines.base import ArchiveSummary
 from homesafe.retention import ScheduledArchive, archive_time, plan, scheduled_archives
 from homesafe.schedules import PERIODS, Run, Schedule, decide
@@ -30,7 +30,8 @@ def run_for_days(
     schedule: Schedule, start: datetime.datetime, end: datetime.datetime, *, prune: bool
 ) -> tuple[list[ScheduledArchive], list[str]]:
     """Check hourly; each due decision makes an archive, and (with ``prune``) retention
-    runs after it as the scheduler does. Returns the archives left and those pruned."""
+    runs after it as the scheduler does (the new archive joins the candidates as the
+    scheduler adds it). Returns the archives left and those pruned."""
     runs: list[Run] = []
     existing: list[ScheduledArchive] = []
     pruned: list[str] = []
@@ -39,7 +40,7 @@ def run_for_days(
         decision = decide(schedule, now, runs)
         if decision.due:
             runs.append(Run(now, frozenset(decision.due)))
-            existing.append(ScheduledArchive(name_of(now), now, frozenset(decision.due)))
+            existing = scheduler.with_archive_made(existing, name_of(now), now, decision.due)
             if prune:
                 result = plan(schedule, existing, now)
                 pruned += result.prune
@@ -166,3 +167,18 @@ def test_archive_times_from_both_engines() -> None:
         2024, 5, 1, 0, 0, 3, tzinfo=UTC
     )
     assert archive_time("yesterday") is None
+
+
+def test_a_run_leaves_the_keep_counts_with_its_new_archive_among_them() -> None:
+    """The archive a run just made is written a moment after the run's time: it still
+    counts, so a run keeping 2 daily archives leaves 2, not 3 until the next run."""
+    schedule = Schedule("default", enabled=True, daily_to_keep=2, weekly_to_keep=0,
+                        monthly_to_keep=0)  # fmt: skip
+    now = datetime.datetime(2024, 5, 10, 2, tzinfo=UTC)
+    daily = frozenset({"daily"})
+    listed = [ScheduledArchive(name_of(now - day * 24 * HOUR), now - day * 24 * HOUR, daily)
+              for day in (2, 1)]  # fmt: skip
+
+    candidates = scheduler.with_archive_made(listed, name_of(now), now, ["daily"])
+
+    assert plan(schedule, candidates, now).prune == (name_of(now - 48 * HOUR),)
