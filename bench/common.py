@@ -438,6 +438,20 @@ def write_manifest(
     return path
 
 
+def declare_bench_app(directory: Path, data: Path) -> dict[str, str]:
+    """A homesafe configuration below ``directory`` declaring the app ``bench`` owning
+    ``data`` (a minimal manifest); the environment that points homesafe at it, with
+    ``HOMESAFE_HOME`` at ``directory/home``."""
+    config = directory / "config" / "apps.d"
+    config.mkdir(parents=True)
+    (config / "bench.toml").write_text(f'id = "bench"\n[data]\ndirectories = ["{data}"]\n')
+    return {
+        **os.environ,
+        "HOMESAFE_HOME": str(directory / "home"),
+        "HOMESAFE_CONFIG": str(directory / "config"),
+    }
+
+
 # -- work directories ------------------------------------------------------------------
 
 
