@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from common import DEFAULT_HOMESAFE, declare_bench_app, write_json  # noqa: E402
 from engines import make_data  # noqa: E402
 
-HOMESAFE = str(Path(sys.executable).parent / "homesafe")
+HOMESAFE = DEFAULT_HOMESAFE
 RESULTS = ROOT / "results" / "destinations.json"
 TARGET_RATIO = 1.2
 ENCRYPTIONS = {"borg": "repokey-blake2", "restic": "repokey"}
@@ -48,14 +48,7 @@ class Workspace:
 
     def __init__(self, directory: Path, data: Path) -> None:
         self.directory = directory
-        config = directory / "config" / "apps.d"
-        config.mkdir(parents=True)
-        (config / "bench.toml").write_text(f'id = "bench"\n[data]\ndirectories = ["{data}"]\n')
-        self.environment = {
-            **os.environ,
-            "HOMESAFE_HOME": str(directory / "home"),
-            "HOMESAFE_CONFIG": str(directory / "config"),
-        }
+        self.environment = declare_bench_app(directory, data)
         self.counter = 0
 
     def homesafe(self, *arguments: str) -> subprocess.CompletedProcess[str]:
@@ -142,23 +135,19 @@ def main() -> int:
     print(f"  {'all at once':<24} {together:7.2f} s")
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
     print(f"together / slowest single = {ratio:.2f} (target <= {TARGET_RATIO}: {verdict})")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "size_bytes": size,
-                "files": len(files),
-                "repeats": arguments.repeats,
-                "destinations": engines,
-                "single_seconds": singles,
-                "together_seconds": together,
-                "ratio": ratio,
-                "target_ratio": TARGET_RATIO,
-                "rounds": rounds,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        RESULTS,
+        {
+            "size_bytes": size,
+            "files": len(files),
+            "repeats": arguments.repeats,
+            "destinations": engines,
+            "single_seconds": singles,
+            "together_seconds": together,
+            "ratio": ratio,
+            "target_ratio": TARGET_RATIO,
+            "rounds": rounds,
+        },
     )
     return 1 if arguments.check and ratio > TARGET_RATIO else 0
 

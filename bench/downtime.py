@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import shlex
 import shutil
@@ -67,12 +66,33 @@ from random import Random
 from types import FrameType
 from typing import Any
 
-KIBIBYTE = 1024
-MEBIBYTE = 1024 * KIBIBYTE
-SEED = 20240611
+# The scripts of bench/ share common.py; loaded by path, this one needs its directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BORG_ENCRYPTION,
+    BORG_WARNING,
+    DEFAULT_HOMESAFE,
+    KIBIBYTE,
+    MEBIBYTE,
+    SEED,
+    borg_create_arguments,
+    describe_failure,
+    drop_page_cache,
+    exit_status,
+    homesafe_environment,
+    host_description,
+    log,
+    passphrase_pipe,
+    raw_borg_environment,
+    wait_for_quiet,
+    write_json,
+    write_large_files,
+    write_manifest,
+)
+
 BOOTSTRAP_APP_ID = "bootstrap"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "downtime.json"
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 SNAPSHOT_DOWNTIME_TARGET = 0.5  # seconds, snapshot and clone
 STAGED_RATIO_TARGET = 0.10  # staged downtime / reference downtime
@@ -93,19 +113,6 @@ SECOND_BACKUP_DELAY = 2.0  # seconds of writes between the first and second back
 WRITER_WAIT = 15.0  # seconds to wait for the writer's first write after a start
 MINIMUM_UPTIME = 1.5  # seconds the writer runs before a timed stop (see Runner.settle)
 INTERRUPT_GRACE = 30.0  # seconds an interrupted command gets to clean up
-QUIET_CPUS = 0.25
-QUIET_SAMPLE_SECONDS = 1.0
-
-# What homesafe gives borg besides the archive and the paths (see engines/borg.py).
-BORG_COMPRESSION = "zstd,3"
-BORG_ENCRYPTION = "repokey-blake2"
-BORG_ENVIRONMENT = {
-    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
-    "BORG_DISPLAY_PASSPHRASE": "no",
-    "BORG_EXIT_CODES": "legacy",
-}
-PASSPHRASE_VARIABLES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE")
-BORG_WARNING = 1
 
 # Random bytes mapped onto letters, spaces and newlines: compressible, never repeated.
 TEXT_TABLE = bytes((b"etaoinshrdlucmfwypvbgkqjxz     \n" * 8)[:256])
@@ -248,17 +255,9 @@ class Fanout:
             (root / relative).write_bytes(content)
 
     def write_large(self, relative: str, size: int, make_chunk: Callable[[int], bytes]) -> None:
-        streams = [(root / relative).open("wb") for root in self.roots]
-        try:
-            written = 0
-            while written < size:
-                chunk = make_chunk(min(4 * MEBIBYTE, size - written))
-                for stream in streams:
-                    stream.write(chunk)
-                written += len(chunk)
-        finally:
-            for stream in streams:
-                stream.close()
+        write_large_files(
+            [root / relative for root in self.roots], size, lambda size, _offset: make_chunk(size)
+        )
 
 
 def page_size_for(write_rate: float) -> int:
@@ -509,60 +508,25 @@ def outage(path: Path, started_ns: int, ended_ns: int) -> Outage:
 # -- the two sides ---------------------------------------------------------------------
 
 
-def drop_page_cache() -> bool:
-    """Write dirty pages out and drop the page cache; False when not allowed."""
-    os.sync()
-    try:
-        DROP_CACHES.write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has been busy since boot (all CPUs, steal included)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields)
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(limit: float) -> float:
-    """Wait, up to ``limit`` seconds, until the machine is nearly idle (less than
-    QUIET_CPUS busy over a sample, the writer included); returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        busy = busy_cpu_seconds()
-        time.sleep(QUIET_SAMPLE_SECONDS)
-        if busy_cpu_seconds() - busy < QUIET_CPUS * QUIET_SAMPLE_SECONDS:
-            break
-    return time.monotonic() - started
-
-
-def write_manifest(workspace: Workspace, app_id: str, directory: Path, kind: str | None) -> None:
+def declare_app(workspace: Workspace, app_id: str, directory: Path, kind: str | None) -> None:
     """Declare an app owning ``directory``, served by the writer of ``kind`` (if any)."""
-    apps = workspace.homesafe_config / "apps.d"
-    apps.mkdir(parents=True, exist_ok=True)
-    os.chmod(apps, 0o755)
-    text = f'id = "{app_id}"\nname = "Downtime benchmark ({app_id})"\n\n'
-    text += f"[data]\ndirectories = [{json.dumps(str(directory))}]\n"
+    services = ""
     if kind is not None:
-        text += (
+        services = (
             f'\n[[services]]\ntype = "runit"\nname = "{service_name(kind)}"\n'
             f"service_directory = {json.dumps(str(workspace.service_directory))}\n"
         )
-    path = apps / f"{app_id}.toml"
-    path.write_text(text)
-    os.chmod(path, 0o644)
+    write_manifest(
+        workspace.homesafe_config / "apps.d",
+        app_id,
+        [directory],
+        title="Downtime benchmark",
+        services=services,
+    )
 
 
 def app_id_for(kind: str) -> str:
     return f"app-{kind}"
-
-
-def describe_failure(argv: list[str], completed: subprocess.CompletedProcess[bytes]) -> str:
-    output = (completed.stdout or b"").decode(errors="replace")[-2000:]
-    errors = (completed.stderr or b"").decode(errors="replace")[-2000:]
-    return f"{' '.join(argv)} exited with {completed.returncode}\n{output}\n{errors}".strip()
 
 
 def run_command(
@@ -634,61 +598,29 @@ class Runner:
     def data(self) -> Path:
         return self.workspace.app_data(self.kind)
 
-    def homesafe_environment(self) -> dict[str, str]:
-        environment = {
-            name: value for name, value in os.environ.items() if not name.startswith("BORG_")
-        }
-        environment["HOMESAFE_HOME"] = str(self.workspace.homesafe_home(self.kind))
-        environment["HOMESAFE_CONFIG"] = str(self.workspace.homesafe_config)
-        return environment
-
     def run_homesafe(self, arguments: list[str]) -> subprocess.CompletedProcess[bytes]:
-        return run_command([self.command, *arguments], self.homesafe_environment())
+        environment = homesafe_environment(
+            self.workspace.homesafe_home(self.kind), self.workspace.homesafe_config
+        )
+        return run_command([self.command, *arguments], environment)
 
     def raw_borg(self, arguments: list[str]) -> None:
         """One borg call with homesafe's environment and a passphrase pipe."""
         argv = ["borg", *arguments]
-        read_end, write_end = os.pipe()
-        try:
-            os.write(write_end, self.passphrase.encode())
-            os.close(write_end)
-            environment = {
-                name: value
-                for name, value in os.environ.items()
-                if name not in PASSPHRASE_VARIABLES
-            }
-            environment.update(BORG_ENVIRONMENT)
-            environment["BORG_BASE_DIR"] = str(self.workspace.raw_base(self.kind))
-            environment["BORG_PASSPHRASE_FD"] = str(read_end)
+        with passphrase_pipe(self.passphrase) as read_end:
+            environment = raw_borg_environment(self.workspace.raw_base(self.kind), read_end)
             completed = run_command(
                 argv, environment, cwd=self.workspace.root, pass_fds=(read_end,)
             )
-        finally:
-            os.close(read_end)
         accepted = (0, BORG_WARNING) if arguments[0] == "create" else (0,)
         if completed.returncode not in accepted:
-            raise RuntimeError(describe_failure(argv, completed))
+            raise RuntimeError(describe_failure(argv, completed).strip())
 
     def raw_create(self, path: Path) -> None:
         self.raw_archives += 1
         comment = json.dumps({"homesafe": 1, "apps": [app_id_for(self.kind)]})
-        # borg >= 1.2 expands {placeholders} in comments: homesafe doubles the braces.
-        comment = comment.replace("{", "{{").replace("}", "}}")
-        repository = self.workspace.raw_repository(self.kind)
-        self.raw_borg(
-            [
-                "create",
-                "--json",
-                "--log-json",
-                "--compression",
-                BORG_COMPRESSION,
-                "--comment",
-                comment,
-                "--",
-                f"{repository}::archive-{self.raw_archives}",
-                str(path),
-            ]
-        )
+        archive = f"{self.workspace.raw_repository(self.kind)}::archive-{self.raw_archives}"
+        self.raw_borg(borg_create_arguments(comment, archive, [path]))
 
     def reset_homesafe(self) -> None:
         """A fresh state directory (repository, borg cache, staging area) holding one
@@ -698,7 +630,7 @@ class Runner:
             shutil.rmtree(home)
         completed = self.run_homesafe(["backup", BOOTSTRAP_APP_ID])
         if completed.returncode != 0:
-            raise RuntimeError(describe_failure([self.command, "backup"], completed))
+            raise RuntimeError(describe_failure([self.command, "backup"], completed).strip())
 
     def reset_reference(self) -> None:
         """A fresh raw repository and borg cache holding one tiny bootstrap archive."""
@@ -720,7 +652,8 @@ class Runner:
         # one (its guard against crash loops): that second is not the backup's doing.
         up = (time.monotonic_ns() - max(read_writer_log(self.log).starts)) / 1e9
         time.sleep(max(MINIMUM_UPTIME - up, 0.0))
-        wait_for_quiet(self.quiet_wait)
+        # The whole machine must be quiet, the writer's CPU time counted.
+        wait_for_quiet(self.quiet_wait, exclude_own=False)
         os.sync()
         return cold and drop_page_cache()
 
@@ -750,7 +683,7 @@ class Runner:
             document = json.loads(completed.stdout)
             result = document["apps"][0]
         except (ValueError, KeyError, IndexError):
-            sample.error = describe_failure([self.command, *arguments], completed)
+            sample.error = describe_failure([self.command, *arguments], completed).strip()
             return sample
         sample.downtime = result["downtime_seconds"]
         sample.strategy = result["strategy"]
@@ -1013,11 +946,6 @@ def print_table(rows: list[Row], checked: list[dict[str, Any]]) -> None:
             print(f"  {row.strategy} {row.backup}: {target['note']}")
 
 
-def borg_version() -> str:
-    completed = subprocess.run(["borg", "--version"], capture_output=True, text=True, check=True)
-    return completed.stdout.strip()
-
-
 def write_results(
     path: Path,
     options: argparse.Namespace,
@@ -1030,12 +958,7 @@ def write_results(
     document = {
         "benchmark": "downtime of homesafe backup per strategy against stop for the run",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {
-            "python": platform.python_version(),
-            "borg": borg_version(),
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-        },
+        "host": host_description(),
         "parameters": {"size_mb": options.size_mb, "repeat": options.repeat},
         "data_set": {**asdict(data_set), "files": data_set.files, "bytes": data_set.total_bytes},
         "writer": {
@@ -1047,8 +970,7 @@ def write_results(
         "samples": {strategy: [asdict(s) for s in runs] for strategy, runs in samples.items()},
         "targets": checked,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(path, document)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -1100,7 +1022,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--homesafe",
-        default=str(Path(sys.executable).with_name("homesafe")),
+        default=DEFAULT_HOMESAFE,
         help="the homesafe command (default: next to this Python)",
     )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON output")
@@ -1142,9 +1064,6 @@ def main() -> int:
     check_prerequisites(options.homesafe, kinds)
     exit_on_signals()
 
-    def log(message: str) -> None:
-        print(message, flush=True)
-
     data_bytes = options.size_mb * MEBIBYTE
     write_rate = (
         options.write_rate_mb * MEBIBYTE
@@ -1170,11 +1089,11 @@ def main() -> int:
         workspace.logs.mkdir()
         workspace.bootstrap_data.mkdir()
         (workspace.bootstrap_data / "hello.txt").write_text("bootstrap\n")
-        write_manifest(workspace, BOOTSTRAP_APP_ID, workspace.bootstrap_data, None)
+        declare_app(workspace, BOOTSTRAP_APP_ID, workspace.bootstrap_data, None)
         tree = stack.enter_context(runit_tree(workspace.service_directory))
         for kind, root in zip(kinds, roots, strict=True):
             tree.add_writer(kind, root / "db", workspace.writer_log(kind), write_rate, page_size)
-            write_manifest(workspace, app_id_for(kind), root, kind)
+            declare_app(workspace, app_id_for(kind), root, kind)
         tree.start()
         rows: list[Row] = []
         for strategy, kind in cases:
@@ -1186,8 +1105,7 @@ def main() -> int:
     print_table(rows, checked)
     write_results(options.results, options, data_set, write_rate, samples, rows, checked)
     print(f"\nFigures written to {options.results}")
-    missed = [target for target in checked if not target["passed"]]
-    return 1 if options.check and missed else 0
+    return exit_status(checked, options.check)
 
 
 if __name__ == "__main__":

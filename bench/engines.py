@@ -29,7 +29,6 @@ every module it imports on every timed run (see ``bench/overhead.py``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -46,26 +45,20 @@ from random import Random
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
+# The scripts of bench/ share common.py; loaded by path, this one needs its directory.
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import DEFAULT_HOMESAFE, compile_homesafe, declare_bench_app, write_json  # noqa: E402
 
 from tests.support.s3 import SeaweedS3  # noqa: E402
 from tests.support.sshd import Sshd  # noqa: E402
 
 SEED = 20241126
-HOMESAFE = str(Path(sys.executable).parent / "homesafe")
+HOMESAFE = DEFAULT_HOMESAFE
 TARGETS = ["borg-local", "borg-ssh", "restic-local", "restic-s3"]
 CASES = ["full", "unchanged", "changed", "restore"]
 RESULTS = ROOT / "bench" / "results" / "engines.json"
 TARGET_RATIO = 1.05
-
-
-def compile_homesafe() -> None:
-    """Byte-compile the homesafe package the ``homesafe`` command imports (``compileall``
-    writes only what is missing or stale)."""
-    spec = importlib.util.find_spec("homesafe")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{sys.executable} cannot import homesafe: run this with its venv")
-    package = next(iter(spec.submodule_search_locations))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
 
 
 def make_data(directory: Path, size_mb: int) -> list[Path]:
@@ -132,13 +125,8 @@ class Target:
         self.sshd = sshd
         self.s3 = s3
         self.home = work / "home"
-        config = work / "config" / "apps.d"
-        config.mkdir(parents=True)
-        (config / "bench.toml").write_text(f'id = "bench"\n[data]\ndirectories = ["{data}"]\n')
         self.environment = {
-            **os.environ,
-            "HOMESAFE_HOME": str(self.home),
-            "HOMESAFE_CONFIG": str(work / "config"),
+            **declare_bench_app(work, data),
             **(s3.environment() if s3 else {}),
         }
         self.passphrase = work / "passphrase"
@@ -319,19 +307,15 @@ def main() -> None:
             table[kind][case] = {"homesafe": homesafe, "raw": raw, "ratio": ratio}
             flag = "" if ratio <= TARGET_RATIO else "  (over target)"
             print(f"{kind:<13} {case:<10} {homesafe:10.2f} {raw:8.2f} {ratio:6.2f}{flag}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "size_bytes": size,
-                "files": len(files),
-                "repeats": arguments.repeats,
-                "target_ratio": TARGET_RATIO,
-                "results": table,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        RESULTS,
+        {
+            "size_bytes": size,
+            "files": len(files),
+            "repeats": arguments.repeats,
+            "target_ratio": TARGET_RATIO,
+            "results": table,
+        },
     )
 
 

@@ -52,10 +52,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
-import platform
 import secrets
 import shutil
 import statistics
@@ -63,85 +61,58 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from random import Random
 from typing import Any
 
-KIBIBYTE = 1024
-MEBIBYTE = 1024 * KIBIBYTE
-SEED = 20240611
+# The scripts of bench/ share common.py; loaded by path, this one needs its directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BORG_ENCRYPTION,
+    BORG_WARNING,
+    DEFAULT_HOMESAFE,
+    MEBIBYTE,
+    SEED,
+    BenchWorkspace,
+    DataSet,
+    InstrumentedRun,
+    borg_create_arguments,
+    compile_homesafe,
+    describe_failure,
+    drop_page_cache,
+    exit_status,
+    host_description,
+    import_homesafe_timed,
+    log,
+    median_wall_clock,
+    passphrase_pipe,
+    raw_borg_environment,
+    require_command,
+    start_up_references,
+    work_directory,
+    write_data_set,
+    write_json,
+    write_manifest,
+)
+
 APP_ID = "bench"
 BOOTSTRAP_APP_ID = "bootstrap"
 MARKER_FILE = ".homesafe-bench"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 FIRST_BACKUP_RATIO_TARGET = 1.05
 UNCHANGED_ADDED_SECONDS_TARGET = 0.3
-
-# What homesafe gives borg besides the archive and the paths (see engines/borg.py).
-BORG_COMPRESSION = "zstd,3"
-BORG_ENCRYPTION = "repokey-blake2"
-BORG_ENVIRONMENT = {
-    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
-    "BORG_DISPLAY_PASSPHRASE": "no",
-    "BORG_EXIT_CODES": "legacy",
-}
-PASSPHRASE_VARIABLES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE")
-BORG_WARNING = 1
-
-WORDS = (
-    "request",
-    "accepted",
-    "rejected",
-    "worker",
-    "queue",
-    "session",
-    "token",
-    "cache",
-    "miss",
-    "hit",
-    "upstream",
-    "timeout",
-    "retry",
-    "database",
-    "index",
-    "vacuum",
-    "checkpoint",
-    "replica",
-    "primary",
-    "user",
-    "login",
-    "logout",
-    "upload",
-    "download",
-    "thumbnail",
-    "calendar",
-    "contact",
-    "note",
-    "folder",
-    "share",
-    "sync",
-    "conflict",
-)
-LEVELS = ("DEBUG", "INFO", "INFO", "INFO", "WARNING", "ERROR")
 
 
 # -- the work directory and the data set ---------------------------------------------
 
 
 @dataclass
-class Workspace:
+class Workspace(BenchWorkspace):
     """Where one benchmark run keeps its data, homesafe's state and raw borg's state."""
-
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
 
     @property
     def data_directories(self) -> list[Path]:
@@ -150,18 +121,6 @@ class Workspace:
     @property
     def bootstrap_data(self) -> Path:
         return self.root / "bootstrap-data"
-
-    @property
-    def homesafe_home(self) -> Path:
-        return self.root / "homesafe" / "home"
-
-    @property
-    def homesafe_config(self) -> Path:
-        return self.root / "homesafe" / "config"
-
-    @property
-    def apps_directory(self) -> Path:
-        return self.homesafe_config / "apps.d"
 
     @property
     def raw_base(self) -> Path:
@@ -176,54 +135,6 @@ class Workspace:
         return self.root / "raw" / "cwd"
 
 
-@dataclass
-class DataSet:
-    """What was generated: counts and sizes by kind."""
-
-    small_files: int = 0
-    small_bytes: int = 0
-    incompressible_files: int = 0
-    incompressible_bytes: int = 0
-    compressible_files: int = 0
-    compressible_bytes: int = 0
-    reused: bool = False
-
-    @property
-    def files(self) -> int:
-        return self.small_files + self.incompressible_files + self.compressible_files
-
-    @property
-    def total_bytes(self) -> int:
-        return self.small_bytes + self.incompressible_bytes + self.compressible_bytes
-
-
-def text_bytes(generator: Random, size: int, first_line: int = 0) -> bytes:
-    """Log-like lines: each one different, all of them very compressible."""
-    lines = []
-    written = 0
-    number = first_line
-    while written < size:
-        words = " ".join(generator.choices(WORDS, k=generator.randint(3, 9)))
-        line = (
-            f"2024-06-{1 + number // 86400 % 28:02d}T{number // 3600 % 24:02d}:"
-            f"{number // 60 % 60:02d}:{number % 60:02d}Z {generator.choice(LEVELS)} "
-            f"worker-{generator.randint(1, 16)} id={number} {words}\n"
-        )
-        lines.append(line)
-        written += len(line)
-        number += 1
-    return "".join(lines).encode()[:size]
-
-
-def write_large_file(path: Path, size: int, make_chunk: Callable[[int, int], bytes]) -> None:
-    with path.open("wb") as stream:
-        offset = 0
-        while offset < size:
-            chunk = make_chunk(min(4 * MEBIBYTE, size - offset), offset)
-            stream.write(chunk)
-            offset += len(chunk)
-
-
 def generate_data_set(workspace: Workspace, size_mb: int, small_files: int) -> DataSet:
     """Write the data set under ``workspace.data`` (or reuse the one already there)."""
     wanted = {"size_mb": size_mb, "small_files": small_files, "seed": SEED, "format": 1}
@@ -234,47 +145,9 @@ def generate_data_set(workspace: Workspace, size_mb: int, small_files: int) -> D
             return DataSet(**recorded["data_set"], reused=True)
     if workspace.data.exists():
         shutil.rmtree(workspace.data)
-    generator = Random(SEED)
-    budget = size_mb * MEBIBYTE
-    # Small files get at most half of the budget (their mean size is 8.5 KiB).
-    small_files = min(small_files, budget // 2 // (8 * KIBIBYTE + KIBIBYTE // 2))
-    data_set = DataSet()
-    small_root, incompressible_root, compressible_root = workspace.data_directories
-    for index in range(small_files):
-        directory = small_root / f"group-{index // 250:02d}" / f"batch-{index // 50 % 5}"
-        if index % 50 == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-        size = generator.randint(KIBIBYTE, 16 * KIBIBYTE)
-        if index % 2:
-            content = generator.randbytes(size)
-            path = directory / f"blob-{index:05d}.bin"
-        else:
-            content = text_bytes(generator, size, first_line=index * 1000)
-            path = directory / f"note-{index:05d}.txt"
-        path.write_bytes(content)
-        data_set.small_files += 1
-        data_set.small_bytes += size
-    remaining = max(budget - data_set.small_bytes, 0)
-    large_file_count = 4
-    incompressible_size = remaining // 2 // large_file_count
-    compressible_size = (remaining - remaining // 2) // large_file_count
-    incompressible_root.mkdir(parents=True, exist_ok=True)
-    compressible_root.mkdir(parents=True, exist_ok=True)
-    for index in range(large_file_count):
-        write_large_file(
-            incompressible_root / f"media-{index}.bin",
-            incompressible_size,
-            lambda size, _offset: generator.randbytes(size),
-        )
-        data_set.incompressible_files += 1
-        data_set.incompressible_bytes += incompressible_size
-        write_large_file(
-            compressible_root / f"journal-{index}.log",
-            compressible_size,
-            lambda size, offset: text_bytes(generator, size, first_line=offset // 64),
-        )
-        data_set.compressible_files += 1
-        data_set.compressible_bytes += compressible_size
+    data_set = write_data_set(
+        Random(SEED), *workspace.data_directories, size_mb=size_mb, small_files=small_files
+    )
     recorded_data_set = {
         name: value for name, value in asdict(data_set).items() if name != "reused"
     }
@@ -282,68 +155,7 @@ def generate_data_set(workspace: Workspace, size_mb: int, small_files: int) -> D
     return data_set
 
 
-def write_manifest(workspace: Workspace, app_id: str, directories: list[Path]) -> Path:
-    """Declare an app owning ``directories`` (mode 0644: homesafe as root checks it)."""
-    workspace.apps_directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(workspace.apps_directory, 0o755)
-    listed = ", ".join(json.dumps(str(directory)) for directory in directories)
-    path = workspace.apps_directory / f"{app_id}.toml"
-    path.write_text(
-        f'id = "{app_id}"\nname = "Benchmark data ({app_id})"\n\n[data]\ndirectories = [{listed}]\n'
-    )
-    os.chmod(path, 0o644)
-    return path
-
-
-def compile_homesafe() -> str:
-    """Byte-compile the homesafe package this interpreter imports; say where it is.
-
-    ``compileall`` writes only what is missing or stale, so an installed homesafe is
-    left as its installer compiled it.
-    """
-    spec = importlib.util.find_spec("homesafe")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{sys.executable} cannot import homesafe: run this with its venv")
-    package = next(iter(spec.submodule_search_locations))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
-    return package
-
-
 # -- running the two sides -----------------------------------------------------------
-
-
-def drop_page_cache() -> bool:
-    """Write dirty pages out and drop the page cache; False when not allowed."""
-    os.sync()
-    try:
-        DROP_CACHES.write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def homesafe_environment(workspace: Workspace) -> dict[str, str]:
-    environment = {
-        name: value for name, value in os.environ.items() if not name.startswith("BORG_")
-    }
-    environment["HOMESAFE_HOME"] = str(workspace.homesafe_home)
-    environment["HOMESAFE_CONFIG"] = str(workspace.homesafe_config)
-    return environment
-
-
-def raw_environment(workspace: Workspace) -> dict[str, str]:
-    environment = {
-        name: value for name, value in os.environ.items() if name not in PASSPHRASE_VARIABLES
-    }
-    environment.update(BORG_ENVIRONMENT)
-    environment["BORG_BASE_DIR"] = str(workspace.raw_base)
-    return environment
-
-
-def describe_failure(argv: list[str], completed: subprocess.CompletedProcess[bytes]) -> str:
-    output = (completed.stdout or b"").decode(errors="replace")[-2000:]
-    errors = (completed.stderr or b"").decode(errors="replace")[-2000:]
-    return f"{' '.join(argv)} exited with {completed.returncode}\n{output}\n{errors}"
 
 
 @dataclass
@@ -361,7 +173,7 @@ class Runner:
         started = time.monotonic()
         completed = subprocess.run(
             argv,
-            env=homesafe_environment(self.workspace),
+            env=self.workspace.homesafe_environment(),
             capture_output=True,
             check=False,
         )
@@ -375,23 +187,16 @@ class Runner:
         argv = ["borg", *arguments]
         self.workspace.raw_working_directory.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        read_end, write_end = os.pipe()
-        try:
-            os.write(write_end, self.passphrase.encode())
-            os.close(write_end)
-            environment = raw_environment(self.workspace)
-            environment["BORG_PASSPHRASE_FD"] = str(read_end)
+        with passphrase_pipe(self.passphrase) as read_end:
             completed = subprocess.run(
                 argv,
-                env=environment,
+                env=raw_borg_environment(self.workspace.raw_base, read_end),
                 cwd=self.workspace.raw_working_directory,
                 pass_fds=(read_end,),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 check=False,
             )
-        finally:
-            os.close(read_end)
         elapsed = time.monotonic() - started
         if completed.returncode not in ((0, BORG_WARNING) if accept_warning else (0,)):
             raise RuntimeError(describe_failure(argv, completed))
@@ -402,23 +207,8 @@ class Runner:
     def raw_create(self, paths: list[Path]) -> float:
         self.raw_archives += 1
         comment = json.dumps({"homesafe": 1, "apps": [APP_ID]}, separators=(",", ":"))
-        # borg >= 1.2 expands {placeholders} in comments: homesafe doubles the braces.
-        comment = comment.replace("{", "{{").replace("}", "}}")
-        return self.raw_borg(
-            [
-                "create",
-                "--json",
-                "--log-json",
-                "--compression",
-                BORG_COMPRESSION,
-                "--comment",
-                comment,
-                "--",
-                f"{self.workspace.raw_repository}::archive-{self.raw_archives}",
-                *map(str, paths),
-            ],
-            accept_warning=True,
-        )
+        archive = f"{self.workspace.raw_repository}::archive-{self.raw_archives}"
+        return self.raw_borg(borg_create_arguments(comment, archive, paths), accept_warning=True)
 
     def reset_and_bootstrap(self) -> None:
         """Fresh, initialised repositories on both sides, holding one tiny archive."""
@@ -429,11 +219,11 @@ class Runner:
         bootstrap = self.workspace.bootstrap_data
         bootstrap.mkdir(parents=True, exist_ok=True)
         (bootstrap / "hello.txt").write_text("bootstrap\n")
-        write_manifest(self.workspace, BOOTSTRAP_APP_ID, [bootstrap])
+        write_manifest(self.workspace.apps_directory, BOOTSTRAP_APP_ID, [bootstrap])
         # The app's manifest is installed before, as on a real server, where manifests
         # change when apps do, not between backups: the bootstrap backup validates it
         # (every manifest is), so the timed run finds it in the validated-manifest cache.
-        write_manifest(self.workspace, APP_ID, self.workspace.data_directories)
+        write_manifest(self.workspace.apps_directory, APP_ID, self.workspace.data_directories)
         self.homesafe_backup(BOOTSTRAP_APP_ID)
         (self.workspace.apps_directory / f"{BOOTSTRAP_APP_ID}.toml").unlink()
         self.workspace.raw_repository.parent.mkdir(parents=True, exist_ok=True)
@@ -566,11 +356,6 @@ def print_table(timings: list[Timing], checked: list[dict[str, Any]]) -> None:
         )
 
 
-def borg_version() -> str:
-    completed = subprocess.run(["borg", "--version"], capture_output=True, text=True, check=True)
-    return completed.stdout.strip()
-
-
 def write_results(
     path: Path,
     timings: list[Timing],
@@ -583,10 +368,7 @@ def write_results(
         "benchmark": "homesafe backup overhead over raw borg create",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {
-            "python": platform.python_version(),
-            "borg": borg_version(),
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
+            **host_description(),
             # homesafe's bytecode is compiled before the runs whatever this says
             "python_dont_write_bytecode": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
         },
@@ -609,8 +391,7 @@ def write_results(
         "targets": checked,
         "profile": profile,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(path, document)
 
 
 # -- profile of one unchanged homesafe backup -----------------------------------------
@@ -655,14 +436,9 @@ def instrumented_backup(output: Path) -> None:
 
         return timed
 
-    started = time.perf_counter()
-    import homesafe.cli
+    phases.update(import_homesafe_timed())
+    import homesafe.cli  # imported (and timed) just above: this only binds the name
 
-    phases["import homesafe.cli (click, homesafe.cli.*)"] = time.perf_counter() - started
-    started = time.perf_counter()
-    import homesafe.api
-
-    phases["import homesafe.api (pydantic, manifest, engines, ...)"] = time.perf_counter() - started
     for module_name, class_name, attribute, label in INSTRUMENTED:
         target: Any = importlib.import_module(module_name)
         if class_name is not None:
@@ -713,7 +489,7 @@ def import_times(runner: Runner, repeats: int) -> ImportProfile:
     package_modules: dict[str, int] = {}
     for _ in range(repeats):
         completed = subprocess.run(
-            argv, env=homesafe_environment(runner.workspace), capture_output=True, text=True
+            argv, env=runner.workspace.homesafe_environment(), capture_output=True, text=True
         )
         if completed.returncode != 0:
             raise RuntimeError(completed.stderr[-2000:])
@@ -749,26 +525,10 @@ def import_times(runner: Runner, repeats: int) -> ImportProfile:
     )
 
 
-def median_wall_clock(argv: list[str], environment: dict[str, str], repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.monotonic()
-        subprocess.run(argv, env=environment, capture_output=True, check=True)
-        samples.append(time.monotonic() - started)
-    return statistics.median(samples)
-
-
 @dataclass
-class ProfileSample:
+class ProfileSample(InstrumentedRun):
     """One instrumented homesafe run and the raw borg run timed next to it."""
 
-    wall: float
-    start_up: float
-    exit: float
-    imports: dict[str, float]
-    command: float
-    steps: dict[str, float]
-    calls: dict[str, int]
     raw_borg: float
 
 
@@ -779,7 +539,7 @@ def instrumented_sample(runner: Runner) -> ProfileSample:
         launched_at = time.time()
         subprocess.run(
             [sys.executable, __file__, "--instrumented-run", str(output)],
-            env=homesafe_environment(runner.workspace),
+            env=runner.workspace.homesafe_environment(),
             capture_output=True,
             check=True,
         )
@@ -806,11 +566,8 @@ def profile_unchanged(runner: Runner, repeats: int) -> dict[str, Any]:
     ``borg create`` of the same data, so that the borg call inside homesafe can be set
     against borg alone.
     """
-    environment = homesafe_environment(runner.workspace)
-    interpreter = median_wall_clock([sys.executable, "-c", "pass"], environment, repeats)
-    import_homesafe = median_wall_clock(
-        [sys.executable, "-c", "import homesafe.cli, homesafe.api"], environment, repeats
-    )
+    environment = runner.workspace.homesafe_environment()
+    interpreter, import_homesafe = start_up_references(environment, repeats)
     borg_version_seconds = median_wall_clock(["borg", "--version"], environment, repeats)
     samples = [instrumented_sample(runner) for _ in range(repeats)]
 
@@ -899,31 +656,6 @@ def profile_unchanged(runner: Runner, repeats: int) -> dict[str, Any]:
 # -- main -------------------------------------------------------------------------------
 
 
-@contextmanager
-def workspace_directory(work_directory: Path | None, keep: bool) -> Iterator[Workspace]:
-    """The work directory: a fresh temp dir under /var/tmp unless one is given.
-
-    A given directory must be missing, empty, or one this benchmark made before (its
-    data set is then reused when the parameters match). It is removed at the end
-    unless ``keep``.
-    """
-    if work_directory is None:
-        root = Path(tempfile.mkdtemp(prefix="homesafe-bench-", dir="/var/tmp"))
-    else:
-        root = work_directory.resolve()
-        if root.exists() and any(root.iterdir()) and not (root / MARKER_FILE).exists():
-            raise SystemExit(f"{root} is not empty and was not made by this benchmark")
-        root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER_FILE).write_text("homesafe overhead benchmark work directory\n")
-    try:
-        yield Workspace(root)
-    finally:
-        if keep:
-            print(f"Work directory kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=200, help="data set size (200)")
@@ -940,7 +672,7 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--homesafe",
-        default=str(Path(sys.executable).with_name("homesafe")),
+        default=DEFAULT_HOMESAFE,
         help="the homesafe command (default: next to this Python)",
     )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON output")
@@ -957,13 +689,16 @@ def main() -> int:
     if options.instrumented_run is not None:
         instrumented_backup(options.instrumented_run)
         return 0
-    if shutil.which(options.homesafe) is None:
-        raise SystemExit(f"cannot find the homesafe command {options.homesafe!r}")
+    require_command(options.homesafe)
 
-    def log(message: str) -> None:
-        print(message, flush=True)
-
-    with workspace_directory(options.work_dir, options.keep) as workspace:
+    with work_directory(
+        options.work_dir,
+        options.keep,
+        prefix="homesafe-bench-",
+        marker_file=MARKER_FILE,
+        description="homesafe overhead benchmark work directory",
+    ) as root:
+        workspace = Workspace(root)
         started = time.monotonic()
         data_set = generate_data_set(workspace, options.size_mb, options.small_files)
         log(
@@ -985,8 +720,7 @@ def main() -> int:
         profile = profile_unchanged(runner, 3) if options.profile else None
         write_results(options.results, timings, checked, data_set, runner.last_raw_stats, profile)
         print(f"\nFigures written to {options.results}")
-    missed = [target for target in checked if not target["passed"]]
-    return 1 if options.check and missed else 0
+    return exit_status(checked, options.check)
 
 
 if __name__ == "__main__":

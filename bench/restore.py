@@ -68,11 +68,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import importlib.util
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -87,99 +84,60 @@ from pathlib import Path
 from random import Random
 from typing import Any
 
-KIBIBYTE = 1024
-MEBIBYTE = 1024 * KIBIBYTE
-SEED = 20240611
+# The scripts of bench/ share common.py; loaded by path, this one needs its directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BORG_WARNING,
+    DEFAULT_HOMESAFE,
+    KIBIBYTE,
+    MEBIBYTE,
+    SEED,
+    BenchWorkspace,
+    InstrumentedRun,
+    compile_homesafe,
+    describe_failure,
+    drop_page_cache,
+    exit_status,
+    host_description,
+    import_homesafe_timed,
+    log,
+    others_cpu_counter,
+    passphrase_pipe,
+    raw_borg_environment,
+    require_command,
+    start_up_references,
+    wait_for_quiet,
+    work_directory,
+    write_data_set,
+    write_json,
+    write_manifest,
+    write_small_files,
+)
+
 ARCHIVE_NAME = "bench-restore"
 LARGE_APP = "large"
 SMALL_APP = "small"
 MARKER_FILE = ".homesafe-bench-restore"
 STRAY_FILE = "stray-after-backup.txt"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "restore.json"
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 FULL_RATIO_TARGET = 1.10
 SELECTIVE_RATIO_TARGET = 0.25
-# Before each timed run, wait (up to --quiet-wait seconds) until the rest of the machine
-# uses less than QUIET_CPUS over a QUIET_SAMPLE_SECONDS sample.
-QUIET_CPUS = 0.25
-QUIET_SAMPLE_SECONDS = 1.0
 
-# What homesafe gives borg besides the archive and the paths (see engines/borg.py).
-BORG_ENVIRONMENT = {
-    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
-    "BORG_DISPLAY_PASSPHRASE": "no",
-    "BORG_EXIT_CODES": "legacy",
-}
-PASSPHRASE_VARIABLES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE")
 BORG_LOCK_WAIT = "60"  # the default repository's lock_wait, as homesafe passes it
 # borg polls the mutex of its lock roster every lock_wait / 10 seconds (the default of its
 # TimeoutTimer): of two borg processes opening the repository at the same instant, one
 # may sleep that long. --profile flags runs whose description or listing call took so long.
 BORG_LOCK_POLL_SECONDS = int(BORG_LOCK_WAIT) / 10
-BORG_WARNING = 1
-
-WORDS = (
-    "request",
-    "accepted",
-    "rejected",
-    "worker",
-    "queue",
-    "session",
-    "token",
-    "cache",
-    "miss",
-    "hit",
-    "upstream",
-    "timeout",
-    "retry",
-    "database",
-    "index",
-    "vacuum",
-    "checkpoint",
-    "replica",
-    "primary",
-    "user",
-    "login",
-    "logout",
-    "upload",
-    "download",
-    "thumbnail",
-    "calendar",
-    "contact",
-    "note",
-    "folder",
-    "share",
-    "sync",
-    "conflict",
-)
-LEVELS = ("DEBUG", "INFO", "INFO", "INFO", "WARNING", "ERROR")
 
 
 # -- the work directory and the data set ---------------------------------------------
 
 
 @dataclass
-class Workspace:
+class Workspace(BenchWorkspace):
     """Where one benchmark run keeps its data, homesafe's state and its scratch dirs."""
-
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def homesafe_home(self) -> Path:
-        return self.root / "homesafe" / "home"
-
-    @property
-    def homesafe_config(self) -> Path:
-        return self.root / "homesafe" / "config"
-
-    @property
-    def apps_directory(self) -> Path:
-        return self.homesafe_config / "apps.d"
 
     @property
     def repository(self) -> Path:
@@ -226,83 +184,12 @@ def app_data(workspace: Workspace) -> dict[str, AppData]:
     }
 
 
-def text_bytes(generator: Random, size: int, first_line: int = 0) -> bytes:
-    """Log-like lines: each one different, all of them very compressible."""
-    lines = []
-    written = 0
-    number = first_line
-    while written < size:
-        words = " ".join(generator.choices(WORDS, k=generator.randint(3, 9)))
-        line = (
-            f"2024-06-{1 + number // 86400 % 28:02d}T{number // 3600 % 24:02d}:"
-            f"{number // 60 % 60:02d}:{number % 60:02d}Z {generator.choice(LEVELS)} "
-            f"worker-{generator.randint(1, 16)} id={number} {words}\n"
-        )
-        lines.append(line)
-        written += len(line)
-        number += 1
-    return "".join(lines).encode()[:size]
-
-
-def write_small_files(
-    generator: Random, root: Path, count: int, largest: int, per_directory: int
-) -> int:
-    """``count`` files of 1 KiB to ``largest`` bytes, half random, half text; bytes written."""
-    written = 0
-    for index in range(count):
-        directory = (
-            root
-            / f"group-{index // (5 * per_directory):02d}"
-            / f"batch-{index // per_directory % 5}"
-        )
-        if index % per_directory == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-        size = generator.randint(KIBIBYTE, largest)
-        if index % 2:
-            content = generator.randbytes(size)
-            path = directory / f"blob-{index:05d}.bin"
-        else:
-            content = text_bytes(generator, size, first_line=index * 1000)
-            path = directory / f"note-{index:05d}.txt"
-        path.write_bytes(content)
-        written += size
-    return written
-
-
-def write_large_file(path: Path, size: int, make_chunk: Callable[[int, int], bytes]) -> None:
-    with path.open("wb") as stream:
-        offset = 0
-        while offset < size:
-            chunk = make_chunk(min(4 * MEBIBYTE, size - offset), offset)
-            stream.write(chunk)
-            offset += len(chunk)
-
-
 def generate_large_app(app: AppData, size_mb: int, small_files: int) -> None:
-    generator = Random(SEED)
-    budget = size_mb * MEBIBYTE
-    # Small files get at most half of the budget (their mean size is 8.5 KiB).
-    small_files = min(small_files, budget // 2 // (8 * KIBIBYTE + KIBIBYTE // 2))
+    """The data set of bench/overhead.py, in the app's three directories."""
     files_root, media_root, journals_root = app.directories
+    # Made even when no small file fits: the manifest declares it.
     files_root.mkdir(parents=True)
-    small_bytes = write_small_files(generator, files_root, small_files, 16 * KIBIBYTE, 50)
-    remaining = max(budget - small_bytes, 0)
-    large_file_count = 4
-    incompressible_size = remaining // 2 // large_file_count
-    compressible_size = (remaining - remaining // 2) // large_file_count
-    media_root.mkdir(parents=True)
-    journals_root.mkdir(parents=True)
-    for index in range(large_file_count):
-        write_large_file(
-            media_root / f"media-{index}.bin",
-            incompressible_size,
-            lambda size, _offset: generator.randbytes(size),
-        )
-        write_large_file(
-            journals_root / f"journal-{index}.log",
-            compressible_size,
-            lambda size, offset: text_bytes(generator, size, first_line=offset // 64),
-        )
+    write_data_set(Random(SEED), files_root, media_root, journals_root, size_mb, small_files)
 
 
 def generate_small_app(app: AppData, small_mb: int) -> None:
@@ -392,20 +279,6 @@ def generate_data_set(
     return apps, False
 
 
-def write_manifest(workspace: Workspace, app: AppData) -> Path:
-    """Declare the app owning its directories (mode 0644: homesafe as root checks it)."""
-    workspace.apps_directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(workspace.apps_directory, 0o755)
-    listed = ", ".join(json.dumps(str(directory)) for directory in app.directories)
-    path = workspace.apps_directory / f"{app.app_id}.toml"
-    path.write_text(
-        f'id = "{app.app_id}"\nname = "Benchmark data ({app.app_id})"\n\n'
-        f"[data]\ndirectories = [{listed}]\n"
-    )
-    os.chmod(path, 0o644)
-    return path
-
-
 def damage(app: AppData) -> None:
     """Damage an intact app the same way every time, so that each restore has the same
     real work: a third of its small files deleted, its large files truncated to half,
@@ -427,67 +300,6 @@ def damage(app: AppData) -> None:
 # -- running homesafe and raw borg ---------------------------------------------------
 
 
-def drop_page_cache() -> bool:
-    """Write dirty pages out and drop the page cache; False when not allowed."""
-    os.sync()
-    try:
-        DROP_CACHES.write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has been busy since boot (all CPUs, steal included)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields)
-    busy = user + nice + system + irq + softirq + steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and of its children that have been waited for."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def wait_for_quiet(limit: float) -> float:
-    """Wait, up to ``limit`` seconds, until the rest of the machine is nearly idle (less
-    than QUIET_CPUS busy over a sample); returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        busy, own = busy_cpu_seconds(), own_cpu_seconds()
-        time.sleep(QUIET_SAMPLE_SECONDS)
-        others = busy_cpu_seconds() - busy - (own_cpu_seconds() - own)
-        if others < QUIET_CPUS * QUIET_SAMPLE_SECONDS:
-            break
-    return time.monotonic() - started
-
-
-def homesafe_environment(workspace: Workspace) -> dict[str, str]:
-    environment = {
-        name: value for name, value in os.environ.items() if not name.startswith("BORG_")
-    }
-    environment["HOMESAFE_HOME"] = str(workspace.homesafe_home)
-    environment["HOMESAFE_CONFIG"] = str(workspace.homesafe_config)
-    return environment
-
-
-def raw_environment(workspace: Workspace) -> dict[str, str]:
-    environment = {
-        name: value for name, value in os.environ.items() if name not in PASSPHRASE_VARIABLES
-    }
-    environment.update(BORG_ENVIRONMENT)
-    environment["BORG_BASE_DIR"] = str(workspace.borg_base)
-    return environment
-
-
-def describe_failure(argv: list[str], completed: subprocess.CompletedProcess[bytes]) -> str:
-    output = (completed.stdout or b"").decode(errors="replace")[-2000:]
-    errors = (completed.stderr or b"").decode(errors="replace")[-2000:]
-    return f"{' '.join(argv)} exited with {completed.returncode}\n{output}\n{errors}"
-
-
 @dataclass
 class Runner:
     """Runs homesafe and raw borg against one workspace; each call returns seconds."""
@@ -500,7 +312,7 @@ class Runner:
         started = time.monotonic()
         completed = subprocess.run(
             argv,
-            env=homesafe_environment(self.workspace),
+            env=self.workspace.homesafe_environment(),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             check=False,
@@ -533,23 +345,16 @@ class Runner:
         ]
         passphrase = self.workspace.passphrase_file.read_text().rstrip("\n")
         started = time.monotonic()
-        read_end, write_end = os.pipe()
-        try:
-            os.write(write_end, passphrase.encode())
-            os.close(write_end)
-            environment = raw_environment(self.workspace)
-            environment["BORG_PASSPHRASE_FD"] = str(read_end)
+        with passphrase_pipe(passphrase) as read_end:
             completed = subprocess.run(
                 argv,
-                env=environment,
+                env=raw_borg_environment(self.workspace.borg_base, read_end),
                 cwd=into,
                 pass_fds=(read_end,),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 check=False,
             )
-        finally:
-            os.close(read_end)
         elapsed = time.monotonic() - started
         if completed.returncode not in (0, BORG_WARNING):
             raise RuntimeError(describe_failure(argv, completed))
@@ -650,16 +455,15 @@ class Bench:
     def timed(self, run: Callable[[], float]) -> Sample:
         # The preparation's dirty pages are written out first, not during the run.
         os.sync()
-        waited = wait_for_quiet(self.quiet_wait)
+        waited = wait_for_quiet(self.quiet_wait, exclude_own=True)
         cold = self.drop_caches and drop_page_cache()
         if cold:
             self.cold_runs += 1
         else:
             self.warm_runs += 1
-        busy, own = busy_cpu_seconds(), own_cpu_seconds()
+        others = others_cpu_counter()
         seconds = run()
-        others = busy_cpu_seconds() - busy - (own_cpu_seconds() - own)
-        return Sample(seconds, cold, max(others, 0.0), waited)
+        return Sample(seconds, cold, max(others(), 0.0), waited)
 
     def wait_for_removal(self, limit: float = 120.0) -> float | None:
         """Seconds until no homesafe journal is left (the detached removal of the
@@ -811,11 +615,6 @@ def print_table(timings: dict[str, Timing], checked: list[dict[str, Any]], cold:
             )
 
 
-def borg_version() -> str:
-    completed = subprocess.run(["borg", "--version"], capture_output=True, text=True, check=True)
-    return completed.stdout.strip()
-
-
 def write_results(
     path: Path,
     timings: dict[str, Timing],
@@ -828,12 +627,7 @@ def write_results(
     document = {
         "benchmark": "homesafe restore: selective against full, full against raw borg extract",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {
-            "python": platform.python_version(),
-            "borg": borg_version(),
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-        },
+        "host": host_description(),
         "apps": {app.app_id: app.summary() for app in apps.values()},
         "page_cache": "cold" if cold else "warm",
         "orders": orders,
@@ -856,8 +650,7 @@ def write_results(
         "targets": checked,
         "profile": profile,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(path, document)
 
 
 # -- profile of full live restores -----------------------------------------------------
@@ -938,16 +731,9 @@ def instrumented_restore(output: Path, app_ids: list[str]) -> None:
 
         return timed
 
-    started = time.perf_counter()
-    import homesafe.cli
+    imports = import_homesafe_timed()
+    import homesafe.cli  # imported (and timed) just above: this only binds the name
 
-    imports = {"import homesafe.cli (click, homesafe.cli.*)": time.perf_counter() - started}
-    started = time.perf_counter()
-    import homesafe.api
-
-    imports["import homesafe.api (pydantic, manifest, engines, ...)"] = (
-        time.perf_counter() - started
-    )
     for module_name, class_name, attribute, label, _top in INSTRUMENTED:
         target: Any = importlib.import_module(module_name)
         if class_name is not None:
@@ -976,16 +762,9 @@ def instrumented_restore(output: Path, app_ids: list[str]) -> None:
 
 
 @dataclass
-class ProfileSample:
+class ProfileSample(InstrumentedRun):
     """One instrumented full live restore and the raw extract timed next to it."""
 
-    wall: float
-    start_up: float
-    exit: float
-    imports: dict[str, float]
-    command: float
-    steps: dict[str, float]
-    calls: dict[str, int]
     timeline: list[tuple[str, float, float]]
     missing: list[str]
     raw_extract: float
@@ -1012,7 +791,7 @@ def instrumented_sample(bench: Bench, homesafe_first: bool) -> ProfileSample:
             launched_at = time.time()
             subprocess.run(
                 [sys.executable, __file__, "--instrumented-run", str(output)],
-                env=homesafe_environment(workspace),
+                env=workspace.homesafe_environment(),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 check=True,
@@ -1044,15 +823,6 @@ def instrumented_sample(bench: Bench, homesafe_first: bool) -> ProfileSample:
         missing=document["missing"],
         raw_extract=raw_seconds,
     )
-
-
-def median_wall_clock(argv: list[str], environment: dict[str, str], repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.monotonic()
-        subprocess.run(argv, env=environment, capture_output=True, check=True)
-        samples.append(time.monotonic() - started)
-    return statistics.median(samples)
 
 
 def top_level_labels() -> set[str]:
@@ -1101,11 +871,8 @@ def profile_full_restore(bench: Bench, repeats: int) -> dict[str, Any]:
     extraction can be set against borg's alone. Steps are medians; the extra time is
     split by cause run by run (each run's causes add up to its homesafe - raw).
     """
-    environment = homesafe_environment(bench.workspace)
-    interpreter = median_wall_clock([sys.executable, "-c", "pass"], environment, repeats)
-    import_homesafe = median_wall_clock(
-        [sys.executable, "-c", "import homesafe.cli, homesafe.api"], environment, repeats
-    )
+    environment = bench.workspace.homesafe_environment()
+    interpreter, import_homesafe = start_up_references(environment, repeats)
     samples = [instrumented_sample(bench, repeat % 2 == 0) for repeat in range(repeats)]
 
     def median_of(value: Callable[[ProfileSample], float]) -> float:
@@ -1241,44 +1008,6 @@ def profile_full_restore(bench: Bench, repeats: int) -> dict[str, Any]:
 # -- main -------------------------------------------------------------------------------
 
 
-@contextmanager
-def workspace_directory(work_directory: Path | None, keep: bool) -> Iterator[Workspace]:
-    """The work directory: a fresh temp dir under /var/tmp unless one is given.
-
-    A given directory must be missing, empty, or one this benchmark made before (its
-    data set is then reused when the parameters match and it is intact). It is removed
-    at the end unless ``keep``.
-    """
-    if work_directory is None:
-        root = Path(tempfile.mkdtemp(prefix="homesafe-bench-restore-", dir="/var/tmp"))
-    else:
-        root = work_directory.resolve()
-        if root.exists() and any(root.iterdir()) and not (root / MARKER_FILE).exists():
-            raise SystemExit(f"{root} is not empty and was not made by this benchmark")
-        root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER_FILE).write_text("homesafe restore benchmark work directory\n")
-    try:
-        yield Workspace(root)
-    finally:
-        if keep:
-            print(f"Work directory kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def compile_homesafe() -> str:
-    """Byte-compile the homesafe package this interpreter imports, as an installation
-    has it; say where it is. With ``PYTHONDONTWRITEBYTECODE`` set, an editable checkout
-    would otherwise compile every module it imports on every timed run (some 0.1 s of
-    start-up). ``compileall`` writes only what is missing or stale."""
-    spec = importlib.util.find_spec("homesafe")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{sys.executable} cannot import homesafe: run this with its venv")
-    package = next(iter(spec.submodule_search_locations))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
-    return package
-
-
 def prepare_homesafe(runner: Runner, apps: dict[str, AppData]) -> float:
     """Fresh homesafe state, both manifests, and one backup of both apps (seconds)."""
     workspace = runner.workspace
@@ -1286,7 +1015,7 @@ def prepare_homesafe(runner: Runner, apps: dict[str, AppData]) -> float:
         if directory.exists():
             shutil.rmtree(directory)
     for app in apps.values():
-        write_manifest(workspace, app)
+        write_manifest(workspace.apps_directory, app.app_id, app.directories)
     return runner.backup()
 
 
@@ -1311,7 +1040,7 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--homesafe",
-        default=str(Path(sys.executable).with_name("homesafe")),
+        default=DEFAULT_HOMESAFE,
         help="the homesafe command (default: next to this Python)",
     )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON output")
@@ -1327,13 +1056,18 @@ def main() -> int:
     if options.instrumented_run is not None:
         instrumented_restore(options.instrumented_run, options.instrumented_apps)
         return 0
-    if shutil.which(options.homesafe) is None:
-        raise SystemExit(f"cannot find the homesafe command {options.homesafe!r}")
+    require_command(options.homesafe)
 
-    def log(message: str) -> None:
-        print(message, flush=True)
-
-    with workspace_directory(options.work_dir, options.keep) as workspace:
+    # A given work directory is reused when its data set has the same parameters and
+    # is intact.
+    with work_directory(
+        options.work_dir,
+        options.keep,
+        prefix="homesafe-bench-restore-",
+        marker_file=MARKER_FILE,
+        description="homesafe restore benchmark work directory",
+    ) as root:
+        workspace = Workspace(root)
         started = time.monotonic()
         apps, reused = generate_data_set(
             workspace, options.size_mb, options.small_files, options.small_mb
@@ -1364,8 +1098,7 @@ def main() -> int:
         ]
         write_results(options.results, timings, checked, apps, cold, orders, profile)
         print(f"\nFigures written to {options.results}")
-    missed = [target for target in checked if not target["passed"]]
-    return 1 if options.check and missed else 0
+    return exit_status(checked, options.check)
 
 
 if __name__ == "__main__":
