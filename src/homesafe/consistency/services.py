@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from homesafe import execute
+from homesafe import execute, processes
 from homesafe.errors import CommandError, ServiceError
 from homesafe.manifest import (
     ApacheService,
@@ -264,10 +264,9 @@ class ApacheHandler:
         reap an apache that has just stopped)."""
         try:
             pid = int(Path(self.pid_file).read_text().strip())
-            status = Path(f"/proc/{pid}/stat").read_text()
         except (OSError, ValueError):
             return False
-        return status.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
+        return processes.alive(pid)
 
     def is_running(self) -> bool:
         return execute.succeeds(self.status_argv(), timeout=SERVICE_COMMAND_TIMEOUT)

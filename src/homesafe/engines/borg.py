@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from homesafe import execute, locations
+from homesafe import execute, locations, processes
 from homesafe.engines.base import (
     ArchiveEntry,
     ArchiveStats,
@@ -476,15 +476,6 @@ def borg_host_id() -> str:
     return f"{fqdn}@{uuid.getnode()}"
 
 
-def process_is_gone(pid: int) -> bool:
-    """True when ``pid`` does not exist or is a zombie (dead, not reaped)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return True
-    return fields[0] in ("Z", "X")
-
-
 def lock_holders(repository: Repository) -> list[tuple[str, int]] | None:
     """The (host id, pid) of every holder of a local repository's lock; None when it
     cannot be read (remote repository, no lock)."""
@@ -515,7 +506,7 @@ def break_stale_lock(repository: Repository) -> bool:
     if not holders:
         return False
     host = borg_host_id()
-    if any(holder_host != host or not process_is_gone(pid) for holder_host, pid in holders):
+    if any(holder_host != host or processes.alive(pid) for holder_host, pid in holders):
         return False
     _run_borg_once(repository, break_lock_argv(repository), False, None, None, None, None, ())
     return True
@@ -530,7 +521,7 @@ def describe_lock(repository: Repository) -> str:
     host = borg_host_id()
     return ", ".join(
         f"pid {pid} on {'this host' if holder_host == host else holder_host}"
-        + (" (gone)" if holder_host == host and process_is_gone(pid) else "")
+        + (" (gone)" if holder_host == host and not processes.alive(pid) else "")
         for holder_host, pid in holders
     )
 
@@ -540,7 +531,7 @@ def locked_hint(repository: Repository) -> str:
     host; break, once sure, a lock no process here can be proven to hold."""
     holders = lock_holders(repository)
     host = borg_host_id()
-    if holders and all(holder == host and not process_is_gone(pid) for holder, pid in holders):
+    if holders and all(holder == host and processes.alive(pid) for holder, pid in holders):
         return HINTS[RepositoryLockedError]
     where = "the server or any other host" if repository.is_remote else "any host"
     return (
