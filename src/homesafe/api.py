@@ -1111,7 +1111,6 @@ def _stage_from_record(
     repository's own lock wait. An archive the record addresses by id (restic) is read
     by that id; an archive that is gone makes the record stale as well.
     """
-    assert run.record is not None and isinstance(run.source, EngineSource)
     try:
         return _stage_and_list(run, plans, on_progress)
     except ArchiveNotFoundError as error:

@@ -329,7 +329,7 @@ def backup_full(
         made = journal.make_directory(snapshot_directory, "snapshots")
         clock = time.monotonic()
         result.snapshot_time = _now()
-        destination = Path(os.path.realpath(snapshot_directory)) / name
+        destination = snapshots.subvolume_path(snapshot_directory, name)
         with journal.subvolume_to_make(f"delete the snapshot {destination}", destination) as entry:
             taken = snapshots.take_snapshot(source, snapshot_directory, name, read_only=False)
         result.snapshot_seconds = time.monotonic() - clock
@@ -599,7 +599,7 @@ def restore_full(
                 f"{current.name or 'the top level'}",
                 hint="Give another name with --subvolume-name.",
             )
-        destination = Path(os.path.realpath(parent)) / new_name
+        destination = snapshots.subvolume_path(parent, new_name)
         with journal.subvolume_to_make(
             f"delete the half-restored subvolume {destination}", destination
         ) as entry:

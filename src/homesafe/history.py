@@ -452,7 +452,7 @@ def _jobs_from_rows(connection: sqlite3.Connection, rows: list[Any]) -> list[Job
                 status=status,
                 repository=repository,
                 archive=archive,
-                started=_parse_time(started) or _now(),
+                started=opened or _now(),
                 finished=_parse_time(finished),
                 scheduled_at=_parse_time(scheduled_at),
                 periods=list(json.loads(periods)),

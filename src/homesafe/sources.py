@@ -108,24 +108,23 @@ class EngineSource:
     def by_id(self, archive_id: str) -> EngineSource:
         """This archive addressed by the engine's id of it (restic: a snapshot id) rather
         than by its name; the label keeps the name."""
-        addressed = EngineSource(self.repository, archive_id)
-        addressed.label = self.label
-        addressed.engine = self.engine
-        return addressed
+        return self._variant(self.repository, archive_id)
 
     def hasty(self) -> EngineSource:
         """This archive, read by engine calls that wait SIDE_BY_SIDE_LOCK_WAIT seconds at
         most for the repository lock (for calls made side by side; see
         :meth:`describe_and_list`)."""
-        hasty = EngineSource(
-            dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT),
-            self.archive_name,
-        )
-        hasty.label = self.label
-        # The same engine object: what a listing learns (restic: the snapshot's id)
-        # serves the extraction of the files later.
-        hasty.engine = self.engine
-        return hasty
+        repository = dataclasses.replace(self.repository, lock_wait=SIDE_BY_SIDE_LOCK_WAIT)
+        return self._variant(repository, self.archive_name)
+
+    def _variant(self, repository: Repository, archive_name: str) -> EngineSource:
+        """This source with another repository record or archive address, the same label
+        and the same engine object: what a listing learns (restic: the snapshot's id)
+        serves the extraction of the files later."""
+        variant = EngineSource(repository, archive_name)
+        variant.label = self.label
+        variant.engine = self.engine
+        return variant
 
     def describe_and_list(
         self, known: Sequence[Manifest] = ()

@@ -505,7 +505,7 @@ class Captures:
             return self._taken_now[subvolume.path]
         self._make_holder(holder, "snapshots")
         name = self._next_name()
-        destination = Path(os.path.realpath(holder)) / name
+        destination = snapshots.subvolume_path(holder, name)
         with journal.subvolume_to_make(
             f"snapshot {destination} of {subvolume.path}", destination
         ) as entry:

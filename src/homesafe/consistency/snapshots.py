@@ -542,6 +542,13 @@ def subvolume_at(path: str | os.PathLike[str]) -> Subvolume:
     return subvolume
 
 
+def subvolume_path(directory: str | os.PathLike[str], name: str) -> Path:
+    """Where a subvolume or snapshot named ``name`` in ``directory`` is made: the
+    directory with its symlinks resolved (what :func:`take_snapshot` and
+    :func:`create_subvolume` make, and what a journal entry made before them names)."""
+    return Path(os.path.realpath(directory)) / name
+
+
 def take_snapshot(
     source: str | os.PathLike[str] | Subvolume,
     into: str | os.PathLike[str],
@@ -558,10 +565,10 @@ def take_snapshot(
     source_path = source.path if isinstance(source, Subvolume) else Path(source)
     if not isinstance(source, Subvolume):
         subvolume_at(source_path)
-    directory = Path(os.path.realpath(into))
-    destination = directory / name
     if "/" in name or name in ("", ".", ".."):
         raise SnapshotError(f"{name!r} cannot name a snapshot")
+    destination = subvolume_path(into, name)
+    directory = destination.parent
     if os.path.lexists(destination):
         raise SnapshotError(f"cannot snapshot {source_path} as {destination}: it exists")
     mounts = read_mounts()
@@ -607,7 +614,7 @@ def snapshot(
 
 def create_subvolume(path: str | os.PathLike[str]) -> Subvolume:
     """Create an empty subvolume at ``path`` (its parent must exist, on btrfs)."""
-    target = Path(os.path.realpath(Path(path).parent)) / Path(path).name
+    target = subvolume_path(Path(path).parent, Path(path).name)
     if os.path.lexists(target):
         raise SnapshotError(f"cannot create a subvolume at {target}: it exists")
     found = _require_btrfs(target.parent)
