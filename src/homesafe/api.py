@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from homesafe import archives, journal, locations, restore, state
+from homesafe import archives, journal, locations, state
 from homesafe.apps import App, dependency_groups, dependency_order, load_apps, select
 from homesafe.consistency import lockdown
 from homesafe.consistency.services import ServiceController, ServiceHandler
@@ -69,7 +69,10 @@ from homesafe.repositories import (
 from homesafe.repositories import get as get_repository
 from homesafe.repositories import new_passphrase as new_passphrase_value
 from homesafe.repositories import unregister as unregister_repository
-from homesafe.sources import ArchiveSource, EngineSource, TarSource, scratch_directory
+
+if TYPE_CHECKING:
+    from homesafe import restore
+    from homesafe.sources import ArchiveSource
 
 __all__ = [
     "AppResult",
@@ -518,7 +521,7 @@ def _now() -> str:
 
 
 def _staging_directory() -> contextlib.AbstractContextManager[Path]:
-    return scratch_directory("operation-")  # journaled: recovery removes a leftover
+    return journal.scratch_directory("operation-")  # journaled: recovery removes a leftover
 
 
 # -- backup -------------------------------------------------------------------------
@@ -963,6 +966,8 @@ def _describe_and_list(
     """The archive's description and listing: from a repository, read side by side
     (see :meth:`EngineSource.describe_and_list`); from a tar file, one after the other.
     Stored manifests equal to those of the ``local`` apps are not validated again."""
+    from homesafe.sources import EngineSource
+
     known = [app.manifest for app in (local or {}).values()]
     if isinstance(source, EngineSource):
         return source.describe_and_list(known)
@@ -975,6 +980,8 @@ def read_archive(
 ) -> tuple[archives.ArchiveDescription, list[ArchiveEntry]]:
     """What an archive says about itself (homesafe's or the reference distribution's
     metadata) and its contents, homesafe's own files left out."""
+    from homesafe.sources import EngineSource
+
     source = EngineSource(_existing_repository(repository), archive_name)
     description, listing = _describe_and_list(source)
     contents = [
@@ -1027,6 +1034,9 @@ def _prepare_restore(
     With ``use_record``, an archive this host wrote and kept a record of is planned
     from that record, without reading the archive (see :func:`_stage_from_record`).
     """
+    from homesafe import restore
+    from homesafe.sources import TarSource
+
     target = Path(target_root).resolve()
     if not target.is_dir():
         raise HomesafeError(f"target root {target} is not a directory")
@@ -1084,6 +1094,8 @@ class _StaleRecord(Exception):
 
 def _archive_record(source: ArchiveSource) -> archives.ArchiveRecord | None:
     """The local record of the archive ``source`` reads, if this host kept one."""
+    from homesafe.sources import EngineSource
+
     if not isinstance(source, EngineSource):
         return None
     directory = archives.record_directory(
@@ -1124,6 +1136,9 @@ def _stage_and_list(
 ) -> list[str]:
     """The work of :func:`_stage_from_record`."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from homesafe import restore
+    from homesafe.sources import EngineSource
 
     assert run.record is not None and isinstance(run.source, EngineSource)
     source = run.source.by_id(run.record.archive_id) if run.record.archive_id else run.source
@@ -1182,6 +1197,8 @@ def _check_version(app: App, local: App | None, force: bool, result: AppResult) 
 
 def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> OperationResult:
     """Install, stage, verify, then swap each app under quiesce; roll back what fails."""
+    from homesafe import restore
+
     started_clock = time.monotonic()
     if run.live:
         for app in run.active():
@@ -1244,6 +1261,8 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
 
 def _swap_in(run: _RestoreRun, app: App) -> None:
     """Put one app's staged paths in place, then its settings."""
+    from homesafe import restore
+
     result = run.results[app.id]
     swap = restore.Swap(run.plans[app.id])
     try:
@@ -1270,6 +1289,8 @@ def _restored_settings(run: _RestoreRun, app: App) -> dict[str, Any]:
 
 def _roll_back(run: _RestoreRun, app: App, started_services: Sequence[Any] = ()) -> None:
     """Put the app back as it was before the restore; its services stopped meanwhile."""
+    from homesafe import restore
+
     result = run.results[app.id]
     for handler in reversed(started_services):
         try:
@@ -1325,6 +1346,8 @@ def restore_apps(
     ``remove_in_background`` (what the CLI does) by a detached process, so that this
     call returns without waiting for it (see :func:`restore.remove_detached`).
     """
+    from homesafe.sources import EngineSource
+
     repository = _existing_repository(repository)
     source = EngineSource(repository, archive_name)
     arguments = (source, archive_name, repository.name, app_ids, target_root, apps, force)
@@ -1359,7 +1382,9 @@ def import_apps(
     :func:`restore_apps` does from an archive. Every member is checked first: a path
     with ``..``, an absolute path, a link leaving the tree, a device file or a path of
     no app in the archive refuses the whole file before anything is written."""
-    with scratch_directory("import-") as scratch:
+    from homesafe.sources import TarSource
+
+    with journal.scratch_directory("import-") as scratch:
         source = TarSource(Path(file), scratch)
         run = _prepare_restore(source, str(file), "import", app_ids, target_root, apps, force)
         result = _run_restore(run, on_progress)
@@ -1440,7 +1465,10 @@ def preview_restore(
     """What :func:`restore_apps` (or :func:`import_apps` with ``file``) would change:
     files added, replaced and removed per app, services stopped, space needed against
     space free on each filesystem. Nothing is changed."""
-    with scratch_directory("preview-") as scratch:
+    from homesafe import restore
+    from homesafe.sources import EngineSource, TarSource
+
+    with journal.scratch_directory("preview-") as scratch:
         if file is not None:
             source: ArchiveSource = TarSource(Path(file), scratch)
             label, repository_name = str(file), "import"
@@ -1506,9 +1534,11 @@ def verify_archive(
     against it (``HOMESAFE_ROOT`` names the sandbox), record how long it took to a
     healthy app, and remove the sandbox. Apps without a health command are restored and
     checked against the archive only (a warning says so)."""
+    from homesafe.sources import EngineSource
+
     repository = _existing_repository(repository)
     started = time.monotonic()
-    with scratch_directory("verify-") as sandbox:
+    with journal.scratch_directory("verify-") as sandbox:
         source = EngineSource(repository, archive_name)
         run = _prepare_restore(
             source, archive_name, repository.name, app_ids, sandbox, apps, force=True

@@ -302,6 +302,16 @@ def temporary_directory(parent: Path, prefix: str) -> Iterator[Path]:
             journal.undone(entry)
 
 
+@contextlib.contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A private temporary directory under ``$HOMESAFE_HOME/tmp``, removed afterwards
+    (journaled: if homesafe dies meanwhile, the next recovery removes it)."""
+    base = locations.ensure_home() / "tmp"
+    base.mkdir(exist_ok=True, mode=0o700)
+    with temporary_directory(base, prefix) as directory:
+        yield directory
+
+
 def remove_tree(path: Path) -> None:
     """Remove ``path`` and everything below it, read-only directories included (an
     archive may hold some)."""

@@ -17,12 +17,11 @@ import posixpath
 import stat
 import tarfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from homesafe import archives, execute, journal, locations
+from homesafe import archives, execute, journal
 from homesafe.engines import engine_for
 from homesafe.engines.base import ArchiveEntry, ProgressCallback
 from homesafe.errors import HomesafeError, RepositoryLockedError
@@ -53,16 +52,6 @@ class ArchiveSource(Protocol):
     ) -> list[str]: ...
 
 
-@contextmanager
-def scratch_directory(prefix: str) -> Iterator[Path]:
-    """A private temporary directory under ``$HOMESAFE_HOME/tmp``, removed afterwards
-    (journaled: if homesafe dies meanwhile, the next recovery removes it)."""
-    base = locations.ensure_home() / "tmp"
-    base.mkdir(exist_ok=True, mode=0o700)
-    with journal.temporary_directory(base, prefix) as directory:
-        yield directory
-
-
 def _description_or_error(
     directory: Path, label: str, known: Sequence[Manifest]
 ) -> archives.ArchiveDescription:
@@ -90,7 +79,7 @@ class EngineSource:
         self.label = f"archive {archive_name!r}"
 
     def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
-        with scratch_directory("describe-") as directory:
+        with journal.scratch_directory("describe-") as directory:
             self.engine.extract(
                 self.repository, self.archive_name, archives.DESCRIPTION_MEMBERS, directory
             )
@@ -281,7 +270,10 @@ class TarSource:
         problems = check_members(wanted, lambda path: True)
         if problems:
             raise UnsafeArchiveError(f"{self.label} is unsafe: {'; '.join(problems)}")
-        with scratch_directory("describe-") as directory, tarfile.open(self.tar_path) as tar:
+        with (
+            journal.scratch_directory("describe-") as directory,
+            tarfile.open(self.tar_path) as tar,
+        ):
             for member in wanted:
                 source = tar.extractfile(member)
                 if source is None:
