@@ -27,6 +27,7 @@ ACCESS_KEY = "homesafe-test-access"
 SECRET_KEY = "homesafe-test-secret-0123456789"
 START_SECONDS = 60
 STOP_GRACE_SECONDS = 2
+VOLUME_MB = 64
 
 
 def weed_binary() -> str | None:
@@ -66,8 +67,10 @@ def _low_port() -> int:
 class SeaweedS3:
     """One ``weed server -s3`` on 127.0.0.1; ``endpoint`` is its S3 URL."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, capacity_mb: int = 1280) -> None:
+        """``capacity_mb``: about what it can store, in volumes of VOLUME_MB each."""
         self.directory = directory
+        self.max_volumes = max(1, -(-capacity_mb // VOLUME_MB))
         directory.mkdir(parents=True, exist_ok=True)
         self.master_port = _low_port()
         self.volume_port = _low_port()
@@ -119,8 +122,8 @@ class SeaweedS3:
                     # Fixed ports by default (8181, 9101): off, so that two servers can run.
                     "-s3.port.iceberg=0",
                     "-s3.port.lance=0",
-                    "-master.volumeSizeLimitMB=64",
-                    "-volume.max=20",
+                    f"-master.volumeSizeLimitMB={VOLUME_MB}",
+                    f"-volume.max={self.max_volumes}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
