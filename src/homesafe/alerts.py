@@ -25,7 +25,6 @@ import datetime
 import json
 import logging
 import smtplib
-import socket
 import sqlite3
 import ssl
 import urllib.error
@@ -77,7 +76,7 @@ class Event:
     title: str
     message: str
     details: dict[str, Any] = field(default_factory=dict)
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=locations.hostname)
     time: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,7 +195,7 @@ def add_channel(
         default_port = {"none": 25, "starttls": 587, "tls": 465}[security]
         settings["port"] = int(settings.get("port") or default_port)
         settings["to"] = list(settings["to"])
-        settings.setdefault("sender", f"homesafe@{socket.gethostname()}")
+        settings.setdefault("sender", f"homesafe@{locations.hostname()}")
     else:
         _check_url(str(settings.get("url", "")))
     channel = Channel(repository, name, kind, chosen, settings)

@@ -26,13 +26,12 @@ import json
 import os
 import re
 import shutil
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from homesafe import __version__
+from homesafe import __version__, locations
 from homesafe.errors import ManifestError, ManifestProblem, UsageError
 from homesafe.manifest import Manifest, parse_manifest
 
@@ -90,7 +89,7 @@ def known_to_be_free(name: str) -> None:
 
 def _timed_name(now: datetime.datetime | None, host: str | None) -> str:
     now = now or datetime.datetime.now(datetime.UTC)
-    host = host or socket.gethostname().split(".")[0] or "host"
+    host = host or locations.hostname().split(".")[0] or "host"
     host = re.sub(r"[^A-Za-z0-9-]", "-", host)
     return f"{host}-{now.astimezone(datetime.UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
 
@@ -205,7 +204,7 @@ def build_metadata(
         "format": METADATA_FORMAT,
         "scope": scope,
         "homesafe_version": __version__,
-        "host": socket.gethostname(),
+        "host": locations.hostname(),
         "archive": archive_name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "comment": comment or "",

@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -210,7 +209,7 @@ class Journal:
                 "journal": 1,
                 "operation": self.operation,
                 "pid": os.getpid(),
-                "host": socket.gethostname(),
+                "host": locations.hostname(),
                 "started": time.time(),
                 "argv": sys.argv,
             }

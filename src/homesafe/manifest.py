@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import re
-import tomllib
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -418,6 +417,8 @@ def parse_manifest(data: Any, source: str) -> Manifest:
 
 def load_manifest_file(path: Path) -> Manifest:
     """Read and validate one TOML manifest file."""
+    import tomllib  # here: a manifest is read only when it changed (see apps.py)
+
     source = str(path)
     try:
         with path.open("rb") as file:

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import stat
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -497,7 +496,7 @@ def ensure_client_key() -> str:
     """homesafe's public ssh key (``ssh-ed25519 AAAA... comment``), generated if missing."""
     key = client_key()
     if not key.exists():
-        comment = f"homesafe@{socket.gethostname()}"
+        comment = f"homesafe@{locations.hostname()}"
         execute.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
             timeout=60,

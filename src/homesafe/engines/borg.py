@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -467,7 +466,9 @@ def borg_host_id() -> str:
     configured = os.environ.get("BORG_HOST_ID")
     if configured:
         return configured
-    name = socket.gethostname()
+    import socket  # here: only lock holders are named by it
+
+    name = locations.hostname()
     try:
         addresses = socket.getaddrinfo(name, None, 0, socket.SOCK_DGRAM, 0, socket.AI_CANONNAME)
     except OSError:

@@ -46,7 +46,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import tarfile
 import tempfile
 import time
@@ -472,7 +471,7 @@ def locked_hint(repository: Repository, text: str) -> str:
     another host is removed by restic once that host has not refreshed it for 30
     minutes, or by the user, once sure."""
     match = re.search(r"locked (?:exclusively )?by PID \d+ on (\S+)", text)
-    if match is None or match[1] == socket.gethostname():
+    if match is None or match[1] == locations.hostname():
         return HINTS[RepositoryLockedError]
     return (
         f"{HINTS[RepositoryLockedError]} The lock was taken on {match[1]}: restic removes "
