@@ -323,16 +323,32 @@ def main() -> None:
                 sshd.close()
     table = {}
     print(f"data set: {len(files)} files, {size / 1e6:.0f} MB; median of {arguments.repeats}")
-    print(f"{'target':<13} {'case':<10} {'homesafe s':>10} {'raw s':>8} {'ratio':>6}")
+    print(
+        f"{'target':<13} {'case':<10} {'homesafe s':>10} {'raw s':>8} {'ratio':>6}"
+        f"   {'homesafe min-max':>16} {'raw min-max':>13}"
+    )
     for kind, rounds in runs.items():
         table[kind] = {}
         for case in CASES:
-            homesafe = statistics.median(run[case][0] for run in rounds)
-            raw = statistics.median(run[case][1] for run in rounds)
+            homesafe_runs = [run[case][0] for run in rounds]
+            raw_runs = [run[case][1] for run in rounds]
+            homesafe = statistics.median(homesafe_runs)
+            raw = statistics.median(raw_runs)
             ratio = homesafe / raw if raw else float("inf")
-            table[kind][case] = {"homesafe": homesafe, "raw": raw, "ratio": ratio}
+            table[kind][case] = {
+                "homesafe": homesafe,
+                "raw": raw,
+                "ratio": ratio,
+                "homesafe_runs": homesafe_runs,
+                "raw_runs": raw_runs,
+            }
             flag = "" if ratio <= TARGET_RATIO else "  (over target)"
-            print(f"{kind:<13} {case:<10} {homesafe:10.2f} {raw:8.2f} {ratio:6.2f}{flag}")
+            spread = (
+                f"{min(homesafe_runs):7.2f}-{max(homesafe_runs):<7.2f}"
+                f"  {min(raw_runs):6.2f}-{max(raw_runs):<6.2f}"
+            )
+            figures = f"{homesafe:10.2f} {raw:8.2f} {ratio:6.2f}"
+            print(f"{kind:<13} {case:<10} {figures}   {spread}{flag}")
     write_json(
         RESULTS,
         {
