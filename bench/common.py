@@ -452,6 +452,68 @@ def declare_bench_app(directory: Path, data: Path) -> dict[str, str]:
     }
 
 
+# -- file systems on loop devices (root only) ------------------------------------------
+
+
+def run(*argv: str | os.PathLike[str]) -> str:
+    """Run a set-up command; its stdout, or RuntimeError with its stderr."""
+    completed = subprocess.run(
+        [os.fspath(part) for part in argv], capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))}: {completed.stderr.strip()}")
+    return completed.stdout
+
+
+def mounts_below(directory: Path, device: str) -> list[str]:
+    """Mount points below ``directory`` or of ``device``, latest (deepest) first."""
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        source, mount_point = (part.encode().decode("unicode_escape") for part in line.split()[:2])
+        if source == device or mount_point.startswith(f"{directory}/"):
+            found.append(mount_point)
+    return list(reversed(found))
+
+
+MKFS = {
+    "btrfs": ["mkfs.btrfs", "-q"],
+    "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"],
+    "ext4": ["mkfs.ext4", "-q", "-F"],
+}
+
+
+@contextmanager
+def loop_filesystem(directory: Path, kind: str, size_bytes: int) -> Iterator[Path]:
+    """A fresh ``kind`` filesystem on a loop device (a sparse image in ``directory``),
+    mounted at ``directory/mnt``, which it yields. Everything mounted below
+    ``directory`` is unmounted and the device detached on the way out.
+
+    ext4 is made with a journal, as mkfs makes it and as a server's is: the root file
+    system of the machines these figures come from has none, and there each new inode
+    is found by stepping over every one freed in the last minute or more (ext4's
+    ``recently_deleted``), so that a run pays for what the run before it deleted."""
+    directory.mkdir(parents=True, exist_ok=True)
+    image = directory / "image"
+    run("truncate", "-s", str(size_bytes), image)
+    run(*MKFS[kind], image)
+    device = run("losetup", "--find", "--show", image).strip()
+    try:
+        mount_point = directory / "mnt"
+        mount_point.mkdir(exist_ok=True)
+        run("mount", device, mount_point)
+        yield mount_point
+    finally:
+        for _ in range(3):
+            remaining = mounts_below(directory, device)
+            if not remaining:
+                break
+            for mount in remaining:
+                if subprocess.run(["umount", mount], check=False).returncode != 0:
+                    subprocess.run(["umount", "--lazy", mount], check=False)
+        subprocess.run(["losetup", "--detach", device], check=False)
+        image.unlink(missing_ok=True)
+
+
 # -- work directories ------------------------------------------------------------------
 
 

@@ -75,6 +75,7 @@ from common import (
     DEFAULT_HOMESAFE,
     KIBIBYTE,
     MEBIBYTE,
+    MKFS,
     SEED,
     borg_create_arguments,
     describe_failure,
@@ -83,8 +84,10 @@ from common import (
     homesafe_environment,
     host_description,
     log,
+    loop_filesystem,
     passphrase_pipe,
     raw_borg_environment,
+    run,
     wait_for_quiet,
     write_json,
     write_large_files,
@@ -162,61 +165,16 @@ class Workspace:
         return self.root / "raw" / kind / "repository"
 
 
-def run(*argv: str | os.PathLike[str]) -> str:
-    """Run a set-up command; its stdout, or RuntimeError with its stderr."""
-    completed = subprocess.run(
-        [os.fspath(part) for part in argv], capture_output=True, text=True, check=False
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))}: {completed.stderr.strip()}")
-    return completed.stdout
-
-
-def mounts_below(directory: Path, device: str) -> list[str]:
-    """Mount points below ``directory`` or of ``device``, latest (deepest) first."""
-    found = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        source, mount_point = (part.encode().decode("unicode_escape") for part in line.split()[:2])
-        if source == device or mount_point.startswith(f"{directory}/"):
-            found.append(mount_point)
-    return list(reversed(found))
-
-
-MKFS = {
-    "btrfs": ["mkfs.btrfs", "-q"],
-    "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"],
-    "ext4": ["mkfs.ext4", "-q", "-F"],
-}
-
-
 @contextmanager
-def loop_filesystem(directory: Path, kind: str, size_bytes: int) -> Iterator[Path]:
-    """A fresh ``kind`` filesystem on a loop device, mounted at ``directory/mnt``,
-    holding the app's (empty) data directory, a btrfs subvolume on btrfs. Everything
-    mounted below ``directory`` is unmounted and the device detached on the way out."""
-    directory.mkdir(parents=True, exist_ok=True)
-    image = directory / "image"
-    run("truncate", "-s", str(size_bytes), image)
-    run(*MKFS[kind], image)
-    device = run("losetup", "--find", "--show", image).strip()
-    try:
-        mount_point = directory / "mnt"
-        mount_point.mkdir(exist_ok=True)
-        run("mount", device, mount_point)
+def app_filesystem(directory: Path, kind: str, size_bytes: int) -> Iterator[Path]:
+    """A fresh ``kind`` filesystem (see :func:`common.loop_filesystem`) holding the
+    app's (empty) data directory, a btrfs subvolume on btrfs."""
+    with loop_filesystem(directory, kind, size_bytes) as mount_point:
         if kind == "btrfs":
             run("btrfs", "subvolume", "create", mount_point / "app")
         else:
             (mount_point / "app").mkdir()
         yield mount_point / "app"
-    finally:
-        for _ in range(3):
-            remaining = mounts_below(directory, device)
-            if not remaining:
-                break
-            for mount in remaining:
-                if subprocess.run(["umount", mount], check=False).returncode != 0:
-                    subprocess.run(["umount", "--lazy", mount], check=False)
-        subprocess.run(["losetup", "--detach", device], check=False)
 
 
 @dataclass
@@ -1076,7 +1034,7 @@ def main() -> int:
     with ExitStack() as stack:
         workspace = stack.enter_context(workspace_directory(options.keep))
         roots = [
-            stack.enter_context(loop_filesystem(workspace.filesystem(kind), kind, image_bytes))
+            stack.enter_context(app_filesystem(workspace.filesystem(kind), kind, image_bytes))
             for kind in kinds
         ]
         data_set = generate_data_set(roots, options.size_mb, page_size)

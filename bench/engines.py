@@ -58,9 +58,14 @@ sys.path.insert(0, str(ROOT / "src"))
 # The scripts of bench/ share common.py; loaded by path, this one needs its directory.
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import DEFAULT_HOMESAFE, compile_homesafe, declare_bench_app, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_HOMESAFE,
+    compile_homesafe,
+    declare_bench_app,
+    loop_filesystem,
+    write_json,
+)
 
-from tests.support.btrfs import loop_filesystem  # noqa: E402
 from tests.support.s3 import SeaweedS3  # noqa: E402
 from tests.support.sshd import Sshd  # noqa: E402
 
@@ -285,12 +290,11 @@ def main() -> None:
     compile_homesafe()
     # Room for the data set, and for one round of one target: two repositories and two
     # restored copies of it, each about its size.
-    image_gib = max(4, -(-arguments.size_mb * 8 // 1024))
+    image_bytes = max(4096, arguments.size_mb * 8) * 1024 * 1024
     with (
         tempfile.TemporaryDirectory(prefix="homesafe-bench-engines-") as scratch,
-        loop_filesystem(Path(scratch), "ext4", f"{image_gib}G") as filesystem,
+        loop_filesystem(Path(scratch), "ext4", image_bytes) as base,
     ):
-        base = filesystem.mount_point
         data = base / "data"
         files = make_data(data, arguments.size_mb)
         size = sum(path.stat().st_size for path in files)

@@ -78,7 +78,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
@@ -102,6 +102,7 @@ from common import (
     host_description,
     import_homesafe_timed,
     log,
+    loop_filesystem,
     others_cpu_counter,
     passphrase_pipe,
     raw_borg_environment,
@@ -1027,7 +1028,9 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--small-mb", type=int, default=5, help="small app's size (5)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each case (5)")
-    parser.add_argument("--work-dir", type=Path, help="work directory (fresh under /var/tmp)")
+    parser.add_argument(
+        "--work-dir", type=Path, help="work directory (default: a fresh ext4 on a loop device)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--no-drop-caches", action="store_true", help="never drop the page cache (warm runs)"
@@ -1059,14 +1062,27 @@ def main() -> int:
     require_command(options.homesafe)
 
     # A given work directory is reused when its data set has the same parameters and
-    # is intact.
-    with work_directory(
-        options.work_dir,
-        options.keep,
-        prefix="homesafe-bench-restore-",
-        marker_file=MARKER_FILE,
-        description="homesafe restore benchmark work directory",
-    ) as root:
+    # is intact. Else the work is done on a fresh ext4 with a journal (see
+    # common.loop_filesystem: the root file system here has none).
+    stack = ExitStack()
+    work_dir = options.work_dir
+    if work_dir is None:
+        if options.keep:
+            raise SystemExit("--keep needs --work-dir: the default work directory is a loop device")
+        scratch = Path(tempfile.mkdtemp(prefix="homesafe-bench-restore-", dir="/var/tmp"))
+        stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+        image_bytes = max(4096, (options.size_mb + options.small_mb) * 6) * MEBIBYTE
+        work_dir = stack.enter_context(loop_filesystem(scratch, "ext4", image_bytes)) / "work"
+    with (
+        stack,
+        work_directory(
+            work_dir,
+            options.keep,
+            prefix="homesafe-bench-restore-",
+            marker_file=MARKER_FILE,
+            description="homesafe restore benchmark work directory",
+        ) as root,
+    ):
         workspace = Workspace(root)
         started = time.monotonic()
         apps, reused = generate_data_set(
