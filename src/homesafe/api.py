@@ -594,6 +594,7 @@ def backup_apps(
     views = False if handler is not None else None
 
     held: list[_Quiesced] = []
+    finish_sizes: Callable[[], None] | None = None
     with _staging_directory() as staging, capture.Captures(name) as captures:
         try:
             for group in dependency_groups(selected):
@@ -625,6 +626,8 @@ def backup_apps(
                 _record_archive(targets, result, Path(staging), path_sizes)
             _run_hooks("backup_post", included, results, packet)
         except EngineError as error:
+            if finish_sizes is not None:
+                finish_sizes()  # the measuring thread must not change a returned result
             for app in selected:
                 if results[app.id].active:
                     results[app.id].fail("engine", error.message)
