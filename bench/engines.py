@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import (  # noqa: E402
     DEFAULT_HOMESAFE,
+    MEBIBYTE,
     compile_homesafe,
     declare_bench_app,
     loop_filesystem,
@@ -290,7 +291,7 @@ def main() -> None:
     compile_homesafe()
     # Room for the data set, and for one round of one target: two repositories and two
     # restored copies of it, each about its size.
-    image_bytes = max(4096, arguments.size_mb * 8) * 1024 * 1024
+    image_bytes = max(4096, arguments.size_mb * 8) * MEBIBYTE
     with (
         tempfile.TemporaryDirectory(prefix="homesafe-bench-engines-") as scratch,
         loop_filesystem(Path(scratch), "ext4", image_bytes) as base,

@@ -1064,25 +1064,26 @@ def main() -> int:
     # A given work directory is reused when its data set has the same parameters and
     # is intact. Else the work is done on a fresh ext4 with a journal (see
     # common.loop_filesystem: the root file system here has none).
-    stack = ExitStack()
-    work_dir = options.work_dir
-    if work_dir is None:
-        if options.keep:
-            raise SystemExit("--keep needs --work-dir: the default work directory is a loop device")
-        scratch = Path(tempfile.mkdtemp(prefix="homesafe-bench-restore-", dir="/var/tmp"))
-        stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-        image_bytes = max(4096, (options.size_mb + options.small_mb) * 6) * MEBIBYTE
-        work_dir = stack.enter_context(loop_filesystem(scratch, "ext4", image_bytes)) / "work"
-    with (
-        stack,
-        work_directory(
-            work_dir,
-            options.keep,
-            prefix="homesafe-bench-restore-",
-            marker_file=MARKER_FILE,
-            description="homesafe restore benchmark work directory",
-        ) as root,
-    ):
+    with ExitStack() as stack:
+        work_dir = options.work_dir
+        if work_dir is None:
+            if options.keep:
+                raise SystemExit(
+                    "--keep needs --work-dir: the default work directory is a loop device"
+                )
+            scratch = Path(tempfile.mkdtemp(prefix="homesafe-bench-restore-", dir="/var/tmp"))
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+            image_bytes = max(4096, (options.size_mb + options.small_mb) * 6) * MEBIBYTE
+            work_dir = stack.enter_context(loop_filesystem(scratch, "ext4", image_bytes)) / "work"
+        root = stack.enter_context(
+            work_directory(
+                work_dir,
+                options.keep,
+                prefix="homesafe-bench-restore-",
+                marker_file=MARKER_FILE,
+                description="homesafe restore benchmark work directory",
+            )
+        )
         workspace = Workspace(root)
         started = time.monotonic()
         apps, reused = generate_data_set(
