@@ -1123,9 +1123,10 @@ def _stage_from_record(
     (staging is removed by the caller). The plans get their entries from the listing,
     so that verification is as exact as without a record. Both calls wait
     SIDE_BY_SIDE_LOCK_WAIT seconds at most for the repository lock (calls meeting on
-    borg's lock roster would otherwise sleep a tenth of the whole lock wait); one that
-    still finds the repository locked is made again afterwards, alone, with the
-    repository's own lock wait. An archive the record addresses by id (restic) is read
+    borg's lock roster would otherwise sleep a tenth of the whole lock wait), and so do
+    the extractions :func:`restore.stage` makes side by side; one that still finds the
+    repository locked is made again once the others ended, with the repository's own
+    lock wait. An archive the record addresses by id (restic) is read
     by that id; an archive that is gone makes the record stale as well.
     """
     try:
@@ -1157,14 +1158,10 @@ def _stage_and_list(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-listing") as pool:
         listed = pool.submit(read_listing)
-        try:
-            warnings = restore.stage(plans, hasty, on_progress)
-        except RepositoryLockedError:
-            warnings = None
-        # The listing ends before anything else happens, whatever the extraction did.
+        # Leaving the pool waits for the listing: it ends before anything else happens,
+        # whatever the extraction did.
+        warnings = restore.stage(plans, source, on_progress, alongside=True)
         listing = listed.result()
-    if warnings is None:
-        warnings = restore.stage(plans, source, on_progress)
     if listing is None:
         listing = source.listing(paths)
     if archives.run_markers([entry.path for entry in listing]) != [run.record.run_id]:
@@ -1213,6 +1210,8 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
                 warnings = _stage_from_record(run, plans, on_progress)
             else:
                 warnings = restore.stage(plans, run.source, on_progress)
+            # Extractions side by side copy hard links that span them: link them again.
+            restore.join_hard_links(plans)
         except EngineError as error:
             for app in run.active():
                 run.results[app.id].fail("engine", error.message)

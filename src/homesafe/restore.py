@@ -35,8 +35,8 @@ from pathlib import Path
 
 from homesafe import allocation, journal, locations
 from homesafe.archives import PathSize
-from homesafe.engines.base import ArchiveEntry, ProgressCallback
-from homesafe.errors import HomesafeError
+from homesafe.engines.base import ArchiveEntry, Progress, ProgressCallback
+from homesafe.errors import HomesafeError, RepositoryLockedError
 from homesafe.manifest import is_inside
 from homesafe.sources import ArchiveSource
 
@@ -47,6 +47,9 @@ BLOCK_OVERHEAD_BYTES = 4096
 # Threads unlinking files in discard(), and directories of files waiting for them.
 DISCARD_THREADS = 4
 DISCARD_QUEUED_DIRECTORIES = 64
+# The least an engine call of a restore made side by side with others extracts: each
+# call pays the engine's start-up again (borg: some 0.3 s of CPU).
+PARALLEL_EXTRACTION_MIN_BYTES = 64 * 1024 * 1024
 
 
 class RestoreError(HomesafeError):
@@ -283,6 +286,18 @@ class SpaceCheck:
         return self.available >= self.required
 
 
+def staged_bytes(app_plan: AppPlan, path_plan: PathPlan) -> int:
+    """What one path of an app takes once staged: from the listing, or, for plans made
+    from a record, as measured at backup time (0 for a path the archive lacks)."""
+    if not app_plan.listed:
+        return path_plan.expected_bytes if path_plan.in_archive else 0
+    return sum(
+        entry.size + BLOCK_OVERHEAD_BYTES
+        for entry in app_plan.entries
+        if is_inside(entry.path, path_plan.archive_path)
+    )
+
+
 def check_space(plans: Iterable[AppPlan]) -> list[SpaceCheck]:
     """What each filesystem needs and has; staging never overwrites, so it needs it all.
 
@@ -291,14 +306,7 @@ def check_space(plans: Iterable[AppPlan]) -> list[SpaceCheck]:
     needs: dict[int, tuple[StagingArea, int]] = {}
     for app_plan in plans:
         for path_plan in app_plan.paths:
-            if not app_plan.listed:
-                size = path_plan.expected_bytes if path_plan.in_archive else 0
-            else:
-                size = sum(
-                    entry.size + BLOCK_OVERHEAD_BYTES
-                    for entry in app_plan.entries
-                    if is_inside(entry.path, path_plan.archive_path)
-                )
+            size = staged_bytes(app_plan, path_plan)
             area, total = needs.get(path_plan.area.device, (path_plan.area, 0))
             needs[path_plan.area.device] = (area, total + size)
     checks = []
@@ -329,27 +337,184 @@ def require_space(plans: Iterable[AppPlan]) -> None:
         )
 
 
-def stage(
-    plans: list[AppPlan], source: ArchiveSource, on_progress: ProgressCallback | None
-) -> list[str]:
-    """Extract every planned path into its staging area, one engine call per filesystem.
+@dataclass
+class Extraction:
+    """One engine call of a restore: archive paths extracted into one staging area."""
 
-    Returns the engine's warnings.
+    area: StagingArea
+    paths: list[str] = field(default_factory=list)
+    size: int = 0
+
+
+def plan_extractions(
+    plans: list[AppPlan], concurrency: int, minimum_bytes: int
+) -> list[Extraction]:
+    """The engine calls that stage ``plans``: one per staging area (filesystem), and an
+    area's paths split into up to ``concurrency`` calls made side by side.
+
+    A split never goes below an app's declared paths (a path and what lies below it are
+    extracted by one call, so the engine's own rules for what it extracts hold within
+    it), and gives no call less than ``minimum_bytes``: each call pays the engine's
+    start-up again. Paths are dealt out largest first, each to the call with the least
+    so far, which keeps the calls close in size.
     """
-    by_area: dict[int, tuple[StagingArea, list[str]]] = {}
+    by_area: dict[int, tuple[StagingArea, dict[str, int]]] = {}
     for app_plan in plans:
         for path_plan in app_plan.paths:
             if path_plan.in_archive:
-                area, paths = by_area.setdefault(path_plan.area.device, (path_plan.area, []))
-                paths.append(path_plan.archive_path)
+                area, sizes = by_area.setdefault(path_plan.area.device, (path_plan.area, {}))
+                sizes[path_plan.archive_path] = staged_bytes(app_plan, path_plan)
+    extractions = []
+    for area, sizes in by_area.values():
+        # A path inside another (two apps may share a directory tree) goes with it.
+        roots: dict[str, int] = {}
+        for path in sorted(sizes):
+            outer = next((root for root in roots if is_inside(path, root)), None)
+            if outer is None:
+                roots[path] = sizes[path]
+            else:
+                roots[outer] += sizes[path]
+        total = sum(roots.values())
+        count = max(1, min(concurrency, len(roots), total // max(minimum_bytes, 1)))
+        calls = [Extraction(area) for _ in range(count)]
+        for path in sorted(roots, key=lambda root: (-roots[root], root)):
+            lightest = min(calls, key=lambda call: call.size)
+            lightest.paths.append(path)
+            lightest.size += roots[path]
+        extractions += calls
+    return extractions
+
+
+class _CombinedProgress:
+    """One progress report for extractions made side by side: their bytes summed."""
+
+    def __init__(self, on_progress: ProgressCallback, count: int) -> None:
+        self.on_progress = on_progress
+        self.current: list[float] = [0.0] * count
+        self.totals: list[float | None] = [None] * count
+        self.finished = [False] * count
+        self.lock = threading.Lock()
+
+    def callback(self, index: int) -> ProgressCallback:
+        def report(progress: Progress) -> None:
+            with self.lock:
+                self.totals[index] = progress.total or self.totals[index]
+                self.finished[index] = progress.finished
+                if progress.finished:
+                    # A last report may carry no count (borg's): the call did it all.
+                    done = self.totals[index] or self.current[index]
+                    self.current[index] = max(self.current[index], done)
+                else:
+                    self.current[index] = progress.current or 0.0
+                known = [total for total in self.totals if total is not None]
+                combined = Progress(
+                    progress.operation,
+                    current=sum(self.current),
+                    total=sum(known) if len(known) == len(self.totals) else None,
+                    message=progress.message,
+                    finished=all(self.finished),
+                )
+                self.on_progress(combined)
+
+        return report
+
+
+def stage(
+    plans: list[AppPlan],
+    source: ArchiveSource,
+    on_progress: ProgressCallback | None,
+    *,
+    alongside: bool = False,
+) -> list[str]:
+    """Extract every planned path into its staging area, in the calls
+    :func:`plan_extractions` makes for the source's ``extract_concurrency``.
+
+    Calls made side by side, with each other or (``alongside``) with another engine call
+    of the caller's, are made through ``source.hasty()``; one that found the repository
+    locked is made again through ``source`` once the others ended. They all run to their
+    end, and the first error is raised then. Returns the engine's warnings.
+    """
+    extractions = plan_extractions(plans, source.extract_concurrency, PARALLEL_EXTRACTION_MIN_BYTES)
     for app_plan in plans:
         for path_plan in app_plan.paths:
             path_plan.area.create()
-    warnings = []
-    for area, paths in by_area.values():
-        assert area.root is not None
-        warnings += source.extract(paths, area.root / "new", on_progress)
+    for extraction in extractions:
+        assert extraction.area.root is not None
+        for path in extraction.paths:
+            # Made beforehand: engines side by side would race to make them.
+            (extraction.area.root / "new" / path).parent.mkdir(parents=True, exist_ok=True)
+    combined = _CombinedProgress(on_progress, len(extractions)) if on_progress else None
+
+    def extract(index: int, from_source: ArchiveSource) -> list[str]:
+        extraction = extractions[index]
+        assert extraction.area.root is not None
+        report = combined.callback(index) if combined else None
+        return from_source.extract(extraction.paths, extraction.area.root / "new", report)
+
+    indexes = range(len(extractions))
+    side_by_side = alongside or len(extractions) > 1
+    first_source = source.hasty() if side_by_side else source
+    outcomes: list[list[str] | BaseException] = []
+    if len(extractions) <= 1:
+        for index in indexes:
+            try:
+                outcomes.append(extract(index, first_source))
+            except RepositoryLockedError as error:
+                outcomes.append(error)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(extractions), thread_name_prefix="extract") as pool:
+            futures = [pool.submit(extract, index, first_source) for index in indexes]
+            outcomes += [future.exception() or future.result() for future in futures]
+    warnings: list[str] = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, RepositoryLockedError) and side_by_side:
+            outcome = extract(index, source)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        warnings += outcome
     return warnings
+
+
+def join_hard_links(plans: list[AppPlan]) -> int:
+    """Link again, in staging, hard links that :func:`stage` extracted as copies.
+
+    An engine links the files of a hard-link group that it extracts in one call; a file
+    whose link target another call extracted comes out as a copy of it. Each such copy
+    is replaced by a link to the target's staged copy (same staging area, so the same
+    filesystem). Returns how many were linked.
+    """
+    staged: dict[str, Path] = {}
+    for app_plan in plans:
+        for path_plan in app_plan.paths:
+            if path_plan.in_archive and path_plan.area.root is not None:
+                staged[path_plan.archive_path] = path_plan.area.root / "new"
+    linked = 0
+    for app_plan in plans:
+        for entry in app_plan.entries:
+            if not (entry.mode.startswith("h") and entry.link_target):
+                continue
+            entry_root = _staged_root(staged, entry.path)
+            target_root = _staged_root(staged, entry.link_target)
+            if entry_root is None or target_root is None or entry_root == target_root:
+                continue
+            copy = staged[entry_root] / entry.path
+            target = staged[target_root] / entry.link_target
+            if staged[entry_root] != staged[target_root] or os.path.samefile(copy, target):
+                continue
+            # Linked beside the copy, then renamed over it: the copy is never missing.
+            beside = copy.with_name(f".{copy.name}.homesafe-link")
+            os.link(target, beside)
+            os.replace(beside, copy)
+            linked += 1
+    return linked
+
+
+def _staged_root(staged: dict[str, Path], path: str) -> str | None:
+    """The planned path ``path`` lies in (the innermost), if any."""
+    inside = [root for root in staged if is_inside(path, root)]
+    return max(inside, key=len) if inside else None
 
 
 def verify(app_plan: AppPlan) -> None:

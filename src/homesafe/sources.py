@@ -40,6 +40,12 @@ class NotAnArchiveError(HomesafeError):
 class ArchiveSource(Protocol):
     label: str
 
+    @property
+    def extract_concurrency(self) -> int:
+        """How many extractions of this archive pay to run side by side (see
+        :func:`homesafe.restore.plan_extractions`)."""
+        ...
+
     def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
         """What the archive says about itself; ``known`` as for
         :func:`archives.describe_extracted`."""
@@ -50,6 +56,12 @@ class ArchiveSource(Protocol):
     def extract(
         self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
     ) -> list[str]: ...
+
+    def hasty(self) -> ArchiveSource:
+        """This source, for calls made side by side: they wait SIDE_BY_SIDE_LOCK_WAIT
+        seconds at most for a lock, and the caller makes one that did not get it again
+        with this source."""
+        ...
 
 
 def _description_or_error(
@@ -77,6 +89,10 @@ class EngineSource:
         self.archive_name = archive_name
         self.engine = engine_for(repository.engine)
         self.label = f"archive {archive_name!r}"
+
+    @property
+    def extract_concurrency(self) -> int:
+        return self.engine.extract_concurrency
 
     def describe(self, known: Sequence[Manifest] = ()) -> archives.ArchiveDescription:
         with journal.scratch_directory("describe-") as directory:
@@ -242,6 +258,7 @@ class TarSource:
     def __init__(self, file: Path, scratch: Path) -> None:
         self.file = file
         self.label = f"tar file {file}"
+        self.extract_concurrency = 1  # one pass through the tar file
         if not file.is_file():
             raise HomesafeError(f"{file} does not exist or is not a file")
         self.tar_path = file
@@ -300,6 +317,9 @@ class TarSource:
             for member in self.members
             if member_path(member)
         ]
+
+    def hasty(self) -> TarSource:
+        return self  # a tar file has no lock to wait for
 
     def check(self, allowed: Callable[[str], bool]) -> None:
         """Refuse the whole file if any member is unsafe; nothing has been written yet."""

@@ -105,7 +105,9 @@ def test_listing_holds_what_borg_lists_as_json(
     homesafe_env: Path, write_manifest: ManifestWriter
 ) -> None:
     """The NUL-separated listing homesafe asks for says what --json-lines says, odd
-    names, links, hard links and special files included."""
+    names, links, hard links and special files included; but where borg lists a hard
+    link with size 0, homesafe gives it the size of the file it links to (for a link
+    whose file lies outside the paths listed, from a second listing)."""
     base = write_app(write_manifest, homesafe_env / "srv", "odd")
     data = base / "data"
     (data / "tab\there").write_text("tab\n")
@@ -143,12 +145,24 @@ def test_listing_holds_what_borg_lists_as_json(
         )
         for item in map(json.loads, completed.stdout.splitlines())
     ]
+    sizes = {item[0]: item[3] for item in expected}
+    hard = str(data / "hard").lstrip("/")
+    expected = [
+        (*item[:3], sizes[item[6]], *item[4:]) if item[2].startswith("h") else item
+        for item in expected
+    ]
+    source = EngineSource(repository, backup.archive)
 
-    listing = EngineSource(repository, backup.archive).listing()
+    listing = source.listing()
+    link_only = source.listing([str(data / "a.txt").lstrip("/")])
 
     found = [(e.path, e.type, e.mode, e.size, e.user, e.group, e.link_target) for e in listing]
     assert found == expected
     assert {"-", "d", "l", "p"} <= {entry.type for entry in listing}
+    assert [(e.mode[0], e.size, e.link_target) for e in listing if e.mode.startswith("h")] == [
+        ("h", len("odd a\n"), hard)
+    ]
+    assert [(e.mode[0], e.size, e.link_target) for e in link_only] == [("h", len("odd a\n"), hard)]
 
 
 def test_restore_of_unchanged_apps_does_not_validate_their_manifests_again(

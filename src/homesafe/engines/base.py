@@ -202,6 +202,12 @@ class Engine(Protocol):
 
     name: str
 
+    @property
+    def extract_concurrency(self) -> int:
+        """How many ``extract`` calls of one archive pay to run side by side: more than
+        one for an engine that extracts on one core."""
+        ...
+
     def repository_exists(self, repository: Repository) -> bool: ...
 
     def initialize(self, repository: Repository) -> None: ...

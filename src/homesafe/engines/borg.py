@@ -65,6 +65,9 @@ from homesafe.repositories import Repository, classify_ssh_failure, diagnose_ssh
 
 BORG = "borg"
 BORG_WARNING = 1
+# The most `borg extract` calls of one restore made side by side (each is a process of
+# some 100 MB, and each reads the archive's metadata in full).
+MAX_EXTRACT_CONCURRENCY = 4
 
 # The first version that has each feature homesafe can use.
 FEATURES: dict[str, tuple[int, int, int]] = {
@@ -618,6 +621,12 @@ class BorgEngine:
 
     name = "borg"
 
+    @property
+    def extract_concurrency(self) -> int:
+        # `borg extract` decrypts, decompresses and writes in one thread: calls side by
+        # side (each with a share of the paths) put the other cores to work.
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_EXTRACT_CONCURRENCY))
+
     def repository_exists(self, repository: Repository) -> bool:
         """Local: the repository's files are there. Remote: the server opens it (a
         wrong passphrase still proves it exists)."""
@@ -694,10 +703,31 @@ class BorgEngine:
     def list_contents(
         self, repository: Repository, archive_name: str, paths: Sequence[str] = ()
     ) -> list[ArchiveEntry]:
+        """The entries below ``paths`` (all when empty), a hard link with the size of
+        the file it links to.
+
+        borg lists a hard link (every link of a file but the first archived) with size
+        0; its size is its first link's, which a second listing fetches when the first
+        did not hold it (its link was archived outside ``paths``)."""
         completed = run_borg(
             repository, list_contents_argv(repository, archive_name, paths), accept_warnings=True
         )
-        return parse_contents(completed.stdout)
+        entries = parse_contents(completed.stdout)
+        links = [entry for entry in entries if entry.mode.startswith("h") and entry.link_target]
+        if not links:
+            return entries
+        sizes = {entry.path: entry.size for entry in entries if not entry.mode.startswith("h")}
+        elsewhere = sorted({link.link_target for link in links} - sizes.keys())
+        if elsewhere:
+            completed = run_borg(
+                repository,
+                list_contents_argv(repository, archive_name, elsewhere),
+                accept_warnings=True,
+            )
+            sizes |= {entry.path: entry.size for entry in parse_contents(completed.stdout)}
+        for link in links:
+            link.size = sizes.get(link.link_target, link.size)
+        return entries
 
     def extract(
         self,

@@ -594,6 +594,8 @@ class ResticEngine:
     """:class:`homesafe.engines.base.Engine` on restic 0.14 and later."""
 
     name = "restic"
+    # `restic restore` already uses every core.
+    extract_concurrency = 1
 
     def __init__(self) -> None:
         # Per archive, keyed by (location, name): its snapshot's full id once a listing

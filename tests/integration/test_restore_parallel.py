@@ -1,0 +1,172 @@
+"""Restores staged by several `borg extract` calls side by side, with real borg.
+
+An app's declared paths are dealt out to the calls (restore.plan_extractions); here the
+size below which no call is split off is lowered to a byte and borg is allowed three
+calls, so that a small app is split as a large one would be. The result must be what
+one call gives: every file, its metadata, and hard links across the calls joined again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from homesafe import api, restore, sources
+from homesafe.engines.base import Progress
+from homesafe.engines.borg import BorgEngine
+from homesafe.repositories import default_repository
+from tests.conftest import ManifestWriter, requires_program
+from tests.integration.test_repo_locks import borg_lock_holder
+from tests.integration.test_restore_reads import lock_holders, logging_borg, record_of
+from tests.integration.test_restore_staged import borg_wrapper, data_extraction
+from tests.integration.test_roundtrip import snapshot_tree
+from tests.support.apps import describe, to_toml
+
+pytestmark = requires_program("borg")
+
+__all__ = ["lock_holders"]  # a fixture of this module's tests
+
+CALLS = 3
+
+
+@pytest.fixture(autouse=True)
+def split_extractions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(restore, "PARALLEL_EXTRACTION_MIN_BYTES", 1)
+    monkeypatch.setattr(BorgEngine, "extract_concurrency", CALLS)
+
+
+def write_wide_app(write_manifest: ManifestWriter, root: Path) -> Path:
+    """An app of four declared paths, with hard links within one and across two."""
+    base = root / "wide"
+    for directory in ("etc", "data/nested/deeper", "media", "cache"):
+        (base / directory).mkdir(parents=True)
+    (base / "etc/app.conf").write_text("[wide]\n")
+    (base / "etc/app.conf").chmod(0o640)
+    (base / "data/nested/deeper/records.bin").write_bytes(os.urandom(300_000))
+    (base / "data/notes.txt").write_text("notes\n" * 1000)
+    (base / "data/nested").chmod(0o750)
+    (base / "media/film.bin").write_bytes(os.urandom(500_000))
+    os.link(base / "media/film.bin", base / "data/film-link.bin")  # across two paths
+    os.link(base / "data/notes.txt", base / "data/nested/notes-link.txt")  # within one
+    (base / "media/poster").symlink_to("film.bin")
+    (base / "cache/index").write_bytes(os.urandom(200_000))
+    manifest = {
+        "id": "wide",
+        "version": 1,
+        "config": {"directories": [str(base / "etc")]},
+        "data": {"directories": [str(base / path) for path in ("data", "media", "cache")]},
+    }
+    write_manifest("wide", to_toml(manifest))
+    return base
+
+
+def change_wide_app(base: Path) -> None:
+    (base / "data/notes.txt").write_text("changed\n")
+    (base / "media/film.bin").unlink()
+    (base / "media/new.bin").write_bytes(b"new")
+    (base / "cache/index").unlink()
+    (base / "etc/app.conf").chmod(0o600)
+
+
+def links(base: Path) -> set[frozenset[str]]:
+    """The groups of paths below ``base`` that are one file (hard links)."""
+    by_inode: dict[int, set[str]] = {}
+    for directory, _subdirectories, files in os.walk(base):
+        for name in files:
+            path = Path(directory, name)
+            by_inode.setdefault(path.lstat().st_ino, set()).add(str(path.relative_to(base)))
+    return {frozenset(group) for group in by_inode.values() if len(group) > 1}
+
+
+@pytest.mark.parametrize("with_record", [True, False], ids=["record", "listing-first"])
+def test_extractions_side_by_side_restore_exactly_what_the_archive_holds(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    with_record: bool,
+) -> None:
+    base = write_wide_app(write_manifest, homesafe_env / "srv")
+    before = snapshot_tree(base)
+    linked = links(base)
+    assert linked == {
+        frozenset({"media/film.bin", "data/film-link.bin"}),
+        frozenset({"data/notes.txt", "data/nested/notes-link.txt"}),
+    }
+    backup = api.backup_apps()
+    if not with_record:
+        shutil.rmtree(record_of(homesafe_env, backup.archive))
+    change_wide_app(base)
+    log = logging_borg(homesafe_env, monkeypatch)
+    reports: list[Progress] = []
+
+    result = api.restore_apps(backup.archive, on_progress=reports.append)
+
+    assert result.status == "ok", describe(result)
+    assert snapshot_tree(base) == before
+    assert links(base) == linked
+    calls = log.read_text().splitlines()
+    assert calls.count("begin extract") == CALLS, calls
+    assert not any((homesafe_env / "home/tmp").iterdir())
+    # One progress for all the calls: bytes add up, never go back, and end complete.
+    extracted = [report for report in reports if report.operation == "extract"]
+    counts = [report.current or 0 for report in extracted]
+    assert counts == sorted(counts)
+    assert extracted[-1].finished
+    assert extracted[-1].total is not None and counts[-1] == extracted[-1].total
+
+
+def test_one_failing_extraction_leaves_the_app_as_it_was(
+    homesafe_env: Path, write_manifest: ManifestWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call extracting media/ fails; the others succeed, and are thrown away."""
+    base = write_wide_app(write_manifest, homesafe_env / "srv")
+    backup = api.backup_apps()
+    change_wide_app(base)
+    changed = snapshot_tree(base)
+    borg_wrapper(
+        homesafe_env / "bin",
+        data_extraction(
+            'case " $* " in *"/media "*) echo "injected: cannot extract media" >&2; exit 2;; esac'
+        ),
+    )
+    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    result = api.restore_apps(backup.archive)
+
+    assert result.status == "failed"
+    assert "injected: cannot extract media" in describe(result)
+    assert snapshot_tree(base) == changed
+    assert not any((homesafe_env / "home/tmp").iterdir())
+
+
+def test_extractions_side_by_side_wait_for_a_writer(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    lock_holders: list[subprocess.Popen[bytes]],
+) -> None:
+    """Each call gives up on a writer's lock after the short side-by-side wait, is made
+    again with the repository's lock wait, and the restore goes through."""
+    base = write_wide_app(write_manifest, homesafe_env / "srv")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    change_wide_app(base)
+    repository = dataclasses.replace(default_repository(), lock_wait=30)
+    hold_seconds = 3 * sources.SIDE_BY_SIDE_LOCK_WAIT
+    borg_lock_holder(repository, homesafe_env / "home", hold_seconds, lock_holders)
+
+    started = time.monotonic()
+    result = api.restore_apps(backup.archive, repository=repository)
+
+    assert result.status == "ok", describe(result)
+    assert time.monotonic() - started >= hold_seconds - 0.5
+    assert snapshot_tree(base) == before
+    assert links(base) == {
+        frozenset({"media/film.bin", "data/film-link.bin"}),
+        frozenset({"data/notes.txt", "data/nested/notes-link.txt"}),
+    }

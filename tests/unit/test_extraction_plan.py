@@ -1,0 +1,90 @@
+"""restore.plan_extractions: which engine calls stage a restore, and which paths each
+extracts. Planned from sizes as a backup's record gives them (no engine involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from homesafe import restore
+
+MIB = 1024 * 1024
+
+
+def app_plan(app_id: str, area: restore.StagingArea, sizes: dict[str, int]) -> restore.AppPlan:
+    paths = [
+        restore.PathPlan(path, Path(path), True, area, expected_bytes=size)
+        for path, size in sizes.items()
+    ]
+    return restore.AppPlan(app_id, paths, [], listed=False)
+
+
+def calls(extractions: list[restore.Extraction]) -> list[tuple[list[str], int]]:
+    return [(extraction.paths, extraction.size // MIB) for extraction in extractions]
+
+
+def test_paths_are_dealt_out_largest_first_to_the_lightest_call(tmp_path: Path) -> None:
+    area = restore.StagingArea(1, tmp_path)
+    plans = [
+        app_plan(
+            "big",
+            area,
+            {"/srv/big/media": 230 * MIB, "/srv/big/logs": 220 * MIB, "/srv/big/db": 40 * MIB},
+        ),
+        app_plan("small", area, {"/srv/small": 5 * MIB}),
+    ]
+
+    extractions = restore.plan_extractions(plans, concurrency=2, minimum_bytes=64 * MIB)
+
+    assert calls(extractions) == [
+        (["srv/big/media", "srv/small"], 235),
+        (["srv/big/logs", "srv/big/db"], 260),
+    ]
+    assert all(extraction.area is area for extraction in extractions)
+
+
+def test_no_call_is_made_for_less_than_the_minimum(tmp_path: Path) -> None:
+    area = restore.StagingArea(1, tmp_path)
+    plans = [app_plan("app", area, {"/a": 70 * MIB, "/b": 60 * MIB, "/c": 10 * MIB})]
+
+    extractions = restore.plan_extractions(plans, concurrency=4, minimum_bytes=64 * MIB)
+
+    # 140 MiB make two calls of at least 64 MiB, not three.
+    assert calls(extractions) == [(["a"], 70), (["b", "c"], 70)]
+
+
+def test_one_call_per_area_without_concurrency_or_size(tmp_path: Path) -> None:
+    first = restore.StagingArea(1, tmp_path / "one")
+    second = restore.StagingArea(2, tmp_path / "two")
+    plans = [
+        app_plan("app", first, {"/x": 500 * MIB, "/y": 500 * MIB}),
+        app_plan("other", second, {"/z": 1 * MIB}),
+    ]
+
+    single = restore.plan_extractions(plans, concurrency=1, minimum_bytes=64 * MIB)
+    small = restore.plan_extractions(plans, concurrency=4, minimum_bytes=2000 * MIB)
+
+    assert calls(single) == [(["x", "y"], 1000), (["z"], 1)]
+    assert calls(small) == calls(single)
+    assert [extraction.area for extraction in single] == [first, second]
+
+
+def test_a_path_inside_another_goes_with_it(tmp_path: Path) -> None:
+    area = restore.StagingArea(1, tmp_path)
+    plans = [
+        app_plan("outer", area, {"/srv/tree": 100 * MIB, "/srv/other": 100 * MIB}),
+        app_plan("inner", area, {"/srv/tree/inner": 100 * MIB}),
+    ]
+
+    extractions = restore.plan_extractions(plans, concurrency=3, minimum_bytes=1)
+
+    assert calls(extractions) == [(["srv/tree"], 200), (["srv/other"], 100)]
+
+
+def test_paths_the_archive_lacks_are_not_extracted(tmp_path: Path) -> None:
+    area = restore.StagingArea(1, tmp_path)
+    plan = app_plan("app", area, {"/kept": 100 * MIB, "/gone": 100 * MIB})
+    plan.paths[1].in_archive = False
+
+    extractions = restore.plan_extractions([plan], concurrency=2, minimum_bytes=1)
+
+    assert calls(extractions) == [(["kept"], 100)]
