@@ -15,10 +15,12 @@ registry, everything around the engine, the engine, exit): ``backup bench --repo
 and ``restore ARCHIVE --repo NAME --target-root DIR``. The raw side is the engine command
 homesafe runs, with the same options, into a repository of its own (``borg create
 --compression zstd,3``; ``restic backup --compression auto``; ``borg extract``;
-``restic restore``). The two sides alternate who goes first, and each figure is the
-median of ``--repeats`` runs of the whole sequence (new repositories each time). Caches
-are warm; dirty pages are written out (``sync``, untimed) before each timed command. The
-ratio target is homesafe / raw <= 1.05. Figures also go to ``bench/results/engines.json``.
+``restic restore``; the app declares one directory, so homesafe's borg restore is one
+``borg extract`` too, not several side by side). The two sides alternate who goes
+first, and each figure is the median of ``--repeats`` runs of the whole sequence (new
+repositories each time). Caches are warm; dirty pages are written out (``sync``,
+untimed) before each timed command. The ratio target is homesafe / raw <= 1.05.
+Figures also go to ``bench/results/engines.json``.
 
 Everything (data set, repositories, restored copies, homesafe's state, the S3 server's
 volumes) is on a fresh ext4 file system with a journal, as a server's would have, made

@@ -18,7 +18,10 @@ everything homesafe does around borg, the borg calls, process exit):
   deleted, the large files truncated to half, the start of some files overwritten, a
   stray file added. homesafe extracts everything into a staging area next to the
   targets, verifies it, renames the damaged paths aside and the staged ones into place,
-  then removes the damaged copies: that removal is part of its time.
+  then removes the damaged copies: that removal is part of its time. homesafe runs up
+  to one ``borg extract`` per core side by side, each with a share of the apps'
+  declared paths (the large app declares three directories); the raw extracts are one
+  ``borg extract``, as a user would type it.
 * **raw extract after damage**: ``borg extract`` of the same archive, every path, into
   an *empty* directory on the same filesystem, with what homesafe gives borg: the same
   repository, ``BORG_BASE_DIR=$HOMESAFE_HOME/borg``, the passphrase through
@@ -33,8 +36,10 @@ everything homesafe does around borg, the borg calls, process exit):
   apps) into an empty directory: the same work as the raw extract plus homesafe's own
   (the description and listing calls, staging, verification, renames).
 * **selective restore**: ``homesafe restore ARCHIVE small`` (live, over the small app's
-  damaged data), set against the full live restore: the time of a selective restore
-  should grow with the app restored, not with the archive holding it.
+  damaged data), set against the raw extract of every path: the time of a selective
+  restore should grow with the app restored, not with the archive holding it. (Not
+  against homesafe's full restore: that one extracts side by side, which one small app
+  cannot, so the ratio would grow with what the full restore gained.)
 * **raw extract, small app**: ``borg extract`` of the small app's paths only, for
   reference (what borg alone needs to pick one app out of the archive).
 
@@ -49,9 +54,10 @@ cases is reversed every other repeat, so homesafe and raw borg alternate; each f
 the median of its repeats, with the min-max.
 
 Targets: full restore / raw extract <= 1.10 (the live restore against the raw extract
-after damage, the empty-root restore against the plain one); selective / full restore
-<= 0.25 (the small app holds ~1 % of the archive: a selective restore that grew with the
-archive would come near 1, while its floor is homesafe's start-up and three borg calls).
+after damage, the empty-root restore against the plain one); selective restore / raw
+extract of every path <= 0.25 (the small app holds ~1 % of the archive: a selective
+restore that grew with the archive would come near a full restore, 0.8-1.1 of the raw
+extract, while its floor is homesafe's start-up and two borg calls).
 ``--profile`` then breaks down full live restores (start-up, imports, journal, the
 description and listing calls, staging, verification, renames, fsyncs, removals, exit),
 each against a raw extract after damage timed next to it.
@@ -388,7 +394,7 @@ CASES_BY_KEY = {case.key: case for case in CASES}
 TARGETS = (
     ("full_live", "raw_full_damaged", FULL_RATIO_TARGET),
     ("full_empty_root", "raw_full", FULL_RATIO_TARGET),
-    ("selective", "full_live", SELECTIVE_RATIO_TARGET),
+    ("selective", "raw_full", SELECTIVE_RATIO_TARGET),
 )
 # Ratios shown for reference, without a target.
 REFERENCES = {"raw_full_damaged": "raw_full", "raw_small": "raw_full"}
