@@ -17,20 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from homesafe import api, restore, sources
+from homesafe import api, repositories, restore, sources
 from homesafe.engines.base import Progress
 from homesafe.engines.borg import BorgEngine
-from homesafe.repositories import default_repository
+from homesafe.repositories import Repository, default_repository
 from tests.conftest import ManifestWriter, requires_program
 from tests.integration.test_repo_locks import borg_lock_holder
+from tests.integration.test_repo_roundtrip import connect_ssh, ssh_url, sshd
 from tests.integration.test_restore_reads import lock_holders, logging_borg, record_of
 from tests.integration.test_restore_staged import borg_wrapper, data_extraction
 from tests.integration.test_roundtrip import snapshot_tree
 from tests.support.apps import describe, to_toml
+from tests.support.sshd import Sshd
 
 pytestmark = requires_program("borg")
 
-__all__ = ["lock_holders"]  # a fixture of this module's tests
+__all__ = ["lock_holders", "sshd"]  # fixtures of this module's tests
 
 CALLS = 3
 
@@ -170,3 +172,39 @@ def test_extractions_side_by_side_wait_for_a_writer(
         frozenset({"media/film.bin", "data/film-link.bin"}),
         frozenset({"data/notes.txt", "data/nested/notes-link.txt"}),
     }
+
+
+def test_extractions_side_by_side_over_ssh(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    sshd: Sshd,
+    tmp_path: Path,
+) -> None:
+    """Each call is a connection of its own and a `borg serve` of its own."""
+    connect_ssh(sshd)
+    repository = Repository(
+        name="remote",
+        location=ssh_url(sshd, "ssh", str(tmp_path / "remote")),
+        engine="borg",
+        encryption=repositories.DEFAULT_ENCRYPTIONS["borg"],
+        passphrase_file=repositories.passphrase_file_for("remote"),
+        compression=repositories.DEFAULT_COMPRESSIONS["borg"],
+        lock_wait=10,
+    )
+    assert api.initialize_repository(repository) is True
+    repositories.register(repository)
+    base = write_wide_app(write_manifest, homesafe_env / "srv")
+    before = snapshot_tree(base)
+    linked = links(base)
+    backup = api.backup_apps(repository=repository)
+    assert backup.status == "ok", describe(backup)
+    change_wide_app(base)
+    log = logging_borg(homesafe_env, monkeypatch)
+
+    result = api.restore_apps(backup.archive, repository=repository)
+
+    assert result.status == "ok", describe(result)
+    assert snapshot_tree(base) == before
+    assert links(base) == linked
+    assert log.read_text().splitlines().count("begin extract") == CALLS
