@@ -8,11 +8,16 @@ Contract:
   when a reader of its pipes goes away), stderr line by line so that borg's
   ``--log-json`` records turn into progress callbacks and log records as they come;
 * a non-zero exit becomes a :class:`~homesafe.errors.CommandError` carrying the argv
-  (masked), the exit code and the tail of stderr, unless the caller accepts that code.
+  (masked), the exit code and the tail of stderr, unless the caller accepts that code;
+* a program never outlives an interruption (SIGINT, SIGTERM) of the thread waiting for
+  it; programs that other threads wait for are ended by the interrupted thread through
+  :func:`tracking`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -21,7 +26,8 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +69,61 @@ class Completed:
     def message_ids(self) -> set[str]:
         """Every ``msgid`` the program logged (borg names its errors this way)."""
         return {str(record["msgid"]) for record in self.records if record.get("msgid")}
+
+
+class RunningPrograms:
+    """The programs :func:`run` has running for one piece of work, in whatever thread.
+
+    Only the main thread is interrupted by a signal, and :func:`run` ends the program it
+    waits for there; the programs of worker threads go on until they exit. The thread
+    waiting for those workers ends them through :meth:`end_all` when it is interrupted.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: set[subprocess.Popen[bytes]] = set()
+        self._ended = False
+
+    def add(self, process: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._processes.add(process)
+            ended = self._ended
+        if ended:  # started after end_all, by a thread that did not know yet
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+
+    def discard(self, process: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def end_all(self) -> None:
+        """Terminate every program still running (its process group), killing what
+        does not go within 5 s; the threads waiting for them then see them fail."""
+        with self._lock:
+            self._ended = True
+            processes = list(self._processes)
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            _kill_group(process)
+
+
+_running: contextvars.ContextVar[RunningPrograms | None] = contextvars.ContextVar(
+    "homesafe_running_programs", default=None
+)
+
+
+@contextmanager
+def tracking() -> Iterator[RunningPrograms]:
+    """Track the programs :func:`run` starts in this context, and in contexts copied
+    from it (``contextvars.copy_context()``, for worker threads), until the block ends."""
+    programs = RunningPrograms()
+    token = _running.set(programs)
+    try:
+        yield programs
+    finally:
+        _running.reset(token)
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
@@ -128,6 +189,8 @@ def run(
         )
     stdout_file = open(stdout_path, "wb") if stdout_path is not None else None  # noqa: SIM115
     started = time.monotonic()
+    running = _running.get()
+    tracked: subprocess.Popen[bytes] | None = None
     try:
         try:
             process = subprocess.Popen(
@@ -152,6 +215,9 @@ def run(
                 f"Cannot run {argv[0]}: permission denied.", argv=masked_argv
             ) from error
 
+        if running is not None:
+            running.add(process)
+            tracked = process
         records: list[dict[str, Any]] = []
         stderr_lines: list[str] = []
         tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -232,6 +298,8 @@ def run(
         if stdout_thread is not None:
             stdout_thread.join(timeout=max(0.0, drained_by - time.monotonic()))
     finally:
+        if running is not None and tracked is not None:
+            running.discard(tracked)
         if stdout_file is not None:
             stdout_file.close()
 

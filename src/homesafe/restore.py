@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homesafe import allocation, journal, locations
+from homesafe import allocation, execute, journal, locations
 from homesafe.archives import PathSize
 from homesafe.engines.base import ArchiveEntry, Progress, ProgressCallback
 from homesafe.errors import HomesafeError, RepositoryLockedError
@@ -462,10 +462,25 @@ def stage(
             except RepositoryLockedError as error:
                 outcomes.append(error)
     else:
-        from concurrent.futures import ThreadPoolExecutor
+        import concurrent.futures
+        import contextvars
 
-        with ThreadPoolExecutor(len(extractions), thread_name_prefix="extract") as pool:
-            futures = [pool.submit(extract, index, first_source) for index in indexes]
+        with (
+            execute.tracking() as programs,
+            concurrent.futures.ThreadPoolExecutor(
+                len(extractions), thread_name_prefix="extract"
+            ) as pool,
+        ):
+            futures = [
+                pool.submit(contextvars.copy_context().run, extract, index, first_source)
+                for index in indexes
+            ]
+            try:
+                concurrent.futures.wait(futures)
+            except BaseException:
+                # Interrupted: no extraction may go on (nor keep the pool waiting for it).
+                programs.end_all()
+                raise
             outcomes += [future.exception() or future.result() for future in futures]
     warnings: list[str] = []
     for index, outcome in enumerate(outcomes):

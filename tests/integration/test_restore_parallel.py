@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -208,3 +210,41 @@ def test_extractions_side_by_side_over_ssh(
     assert snapshot_tree(base) == before
     assert links(base) == linked
     assert log.read_text().splitlines().count("begin extract") == CALLS
+
+
+def test_an_interrupted_restore_ends_every_extraction_at_once(
+    homesafe_env: Path, write_manifest: ManifestWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C reaches the main thread only; the extractions other threads wait for are
+    ended too, rather than left to finish (here they would take a minute)."""
+    base = write_wide_app(write_manifest, homesafe_env / "srv")
+    backup = api.backup_apps()
+    change_wide_app(base)
+    changed = snapshot_tree(base)
+    started_pids = homesafe_env / "extract-pids"
+    borg_wrapper(homesafe_env / "bin", data_extraction(f"echo $$ >> {started_pids}; sleep 60"))
+    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    def interrupt_once_all_started() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if started_pids.exists() and len(started_pids.read_text().split()) == CALLS:
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_all_started)
+    interrupter.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        api.restore_apps(backup.archive)
+    interrupter.join()
+
+    assert time.monotonic() - started < 20
+    pids = [int(pid) for pid in started_pids.read_text().split()]
+    assert len(pids) == CALLS
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert snapshot_tree(base) == changed
+    assert not any((homesafe_env / "home/tmp").iterdir())

@@ -456,3 +456,34 @@ def test_daemon_holding_stdout_keeps_what_was_printed_before(
     completed = execute.run(daemonizing_child(pid_file, hold_stdout=True), timeout=60)
     started_pids.extend(read_pids(pid_file))
     assert completed.stdout == "hello\n"
+
+
+def test_tracked_programs_of_other_threads_are_ended_together() -> None:
+    """end_all ends what worker threads wait for, and what they start afterwards."""
+    import contextvars
+    import threading
+
+    outcomes: list[BaseException | None] = [None, None]
+
+    def wait_in_thread(index: int) -> None:
+        try:
+            execute.run(["sleep", "60"])
+        except CommandError as error:
+            outcomes[index] = error
+
+    with execute.tracking() as programs:
+        first = threading.Thread(target=contextvars.copy_context().run, args=(wait_in_thread, 0))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not programs._processes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        programs.end_all()
+        first.join()
+        late = threading.Thread(target=contextvars.copy_context().run, args=(wait_in_thread, 1))
+        late.start()
+        late.join()
+
+    assert time.monotonic() - started < 10
+    assert all(isinstance(outcome, CommandError) for outcome in outcomes), outcomes
+    assert "signal 15" in str(outcomes[0]) and "signal 15" in str(outcomes[1])
