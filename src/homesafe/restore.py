@@ -519,9 +519,12 @@ def join_hard_links(plans: list[AppPlan]) -> int:
             if staged[entry_root] != staged[target_root] or os.path.samefile(copy, target):
                 continue
             # Linked beside the copy, then renamed over it: the copy is never missing.
+            # That changes the directory's times, which the engine had restored: put back.
+            directory = os.stat(copy.parent)
             beside = copy.with_name(f".{copy.name}.homesafe-link")
             os.link(target, beside)
             os.replace(beside, copy)
+            os.utime(copy.parent, ns=(directory.st_atime_ns, directory.st_mtime_ns))
             linked += 1
     return linked
 

@@ -78,6 +78,18 @@ def change_wide_app(base: Path) -> None:
     (base / "etc/app.conf").chmod(0o600)
 
 
+def times(base: Path) -> dict[str, int]:
+    """The modification time of every path below ``base``'s declared paths."""
+    found = {}
+    for declared in ("etc", "data", "media", "cache"):
+        found[declared] = (base / declared).lstat().st_mtime_ns
+        for directory, subdirectories, files in os.walk(base / declared):
+            for name in [*subdirectories, *files]:
+                path = Path(directory, name)
+                found[str(path.relative_to(base))] = path.lstat().st_mtime_ns
+    return found
+
+
 def links(base: Path) -> set[frozenset[str]]:
     """The groups of paths below ``base`` that are one file (hard links)."""
     by_inode: dict[int, set[str]] = {}
@@ -97,6 +109,7 @@ def test_extractions_side_by_side_restore_exactly_what_the_archive_holds(
 ) -> None:
     base = write_wide_app(write_manifest, homesafe_env / "srv")
     before = snapshot_tree(base)
+    modified = times(base)
     linked = links(base)
     assert linked == {
         frozenset({"media/film.bin", "data/film-link.bin"}),
@@ -113,6 +126,7 @@ def test_extractions_side_by_side_restore_exactly_what_the_archive_holds(
 
     assert result.status == "ok", describe(result)
     assert snapshot_tree(base) == before
+    assert times(base) == modified
     assert links(base) == linked
     calls = log.read_text().splitlines()
     assert calls.count("begin extract") == CALLS, calls
