@@ -428,31 +428,45 @@ def _ensure_repository(repository: Repository) -> None:
 
 def _tree_size(path: str) -> archives.PathSize:
     """Apparent size of ``path`` and everything below it, and how many entries (files,
-    directories, links) it holds; symlinks are not followed."""
+    directories, links) it holds; symlinks are not followed. For a directory of at
+    least SPLIT_DIRECTORY_MIN_BYTES with at most SPLIT_CHILDREN_MAX children, also the
+    bytes below each child (see :class:`archives.PathSize`)."""
     total = 0
     entries = 0
-    stack = [path]
+    children: dict[str, int] = {}
+    # (path, the child of ``path`` it is or lies below; "" for ``path`` itself)
+    stack = [(path, "")]
     while stack:
-        current = stack.pop()
+        current, child = stack.pop()
         try:
             status = os.lstat(current)
         except OSError:
             continue
         entries += 1
-        total += status.st_size if not os.path.isdir(current) or os.path.islink(current) else 0
-        if os.path.isdir(current) and not os.path.islink(current):
-            try:
-                with os.scandir(current) as found:
-                    for entry in found:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        else:
-                            entries += 1
-                            with contextlib.suppress(OSError):
-                                total += entry.stat(follow_symlinks=False).st_size
-            except OSError:
-                pass
-    return archives.PathSize(total, entries)
+        if not stat.S_ISDIR(status.st_mode):
+            total += status.st_size
+            if child:
+                children[child] = children.get(child, 0) + status.st_size
+            continue
+        try:
+            with os.scandir(current) as found:
+                for entry in found:
+                    below = child or entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, below))
+                        children.setdefault(below, 0)
+                        continue
+                    entries += 1
+                    with contextlib.suppress(OSError):
+                        size = entry.stat(follow_symlinks=False).st_size
+                        total += size
+                        children[below] = children.get(below, 0) + size
+        except OSError:
+            pass
+    split = total >= archives.SPLIT_DIRECTORY_MIN_BYTES and (
+        0 < len(children) <= archives.SPLIT_CHILDREN_MAX
+    )
+    return archives.PathSize(total, entries, children if split else None)
 
 
 def _measure_sizes(

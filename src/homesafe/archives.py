@@ -375,13 +375,23 @@ RECORD_FORMAT = 1
 RECORDS_KEPT = 20
 
 
+# A directory of at least this many bytes has the sizes of what it holds (its
+# children) recorded, when they are at most SPLIT_CHILDREN_MAX: a restore may then
+# extract them side by side (see homesafe.restore.plan_extractions).
+SPLIT_DIRECTORY_MIN_BYTES = 512 * 1024 * 1024
+SPLIT_CHILDREN_MAX = 100
+
+
 @dataclass(frozen=True)
 class PathSize:
     """What one captured path held when measured: bytes of file data, and entries
-    (files, directories, links), each of which takes at least a block when staged."""
+    (files, directories, links), each of which takes at least a block when staged;
+    for a large directory (SPLIT_DIRECTORY_MIN_BYTES), the bytes below each of its
+    children by name (None: not measured)."""
 
     bytes: int
     entries: int
+    children: dict[str, int] | None = None
 
 
 @dataclass
@@ -429,7 +439,11 @@ def save_record(
         document = {
             "format": RECORD_FORMAT,
             "location": location,
-            "sizes": {path: [size.bytes, size.entries] for path, size in sizes.items()},
+            "sizes": {
+                path: [size.bytes, size.entries]
+                + ([size.children] if size.children is not None else [])
+                for path, size in sizes.items()
+            },
             "archive_id": archive_id,
         }
         (partial / RECORD_FILE).write_text(json.dumps(document, sort_keys=True))
@@ -483,7 +497,13 @@ def load_record(directory: Path | None, location: str) -> ArchiveRecord | None:
         return None
     try:
         sizes = {
-            str(path): PathSize(int(size[0]), int(size[1]))
+            str(path): PathSize(
+                int(size[0]),
+                int(size[1]),
+                {str(name): int(count) for name, count in size[2].items()}
+                if len(size) > 2
+                else None,
+            )
             for path, size in document["sizes"].items()
         }
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):

@@ -29,11 +29,11 @@ import queue
 import shutil
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homesafe import allocation, execute, journal, locations
+from homesafe import allocation, archives, execute, journal, locations
 from homesafe.archives import PathSize
 from homesafe.engines.base import ArchiveEntry, Progress, ProgressCallback
 from homesafe.errors import HomesafeError, RepositoryLockedError
@@ -164,6 +164,9 @@ class PathPlan:
     area: StagingArea
     # Bytes it will take once staged, when planned from a record (no listing yet).
     expected_bytes: int = 0
+    # Bytes below each of its children, when planned from a record that measured them
+    # (a large directory: see archives.PathSize).
+    expected_children: dict[str, int] | None = None
 
     @property
     def archive_path(self) -> str:
@@ -245,7 +248,8 @@ def plan_from_record(
             in_archive = captured is None or path in captured
             size = sizes.get(path)
             expected = size.bytes + size.entries * BLOCK_OVERHEAD_BYTES if size else 0
-            path_plans.append(PathPlan(path, target, in_archive, area, expected))
+            children = size.children if size else None
+            path_plans.append(PathPlan(path, target, in_archive, area, expected, children))
         plans.append(AppPlan(app_id, path_plans, [], listed=False))
     return plans
 
@@ -298,6 +302,27 @@ def staged_bytes(app_plan: AppPlan, path_plan: PathPlan) -> int:
     )
 
 
+def staged_children(app_plan: AppPlan, path_plan: PathPlan) -> dict[str, int] | None:
+    """The bytes below each child of a large directory path (by name), when known: from
+    the listing, or as measured at backup time; None for a path of less than
+    archives.SPLIT_DIRECTORY_MIN_BYTES or of more than archives.SPLIT_CHILDREN_MAX
+    children."""
+    if not app_plan.listed:
+        return path_plan.expected_children if path_plan.in_archive else None
+    root = path_plan.archive_path
+    children: dict[str, int] = {}
+    for entry in app_plan.entries:
+        if entry.path != root and is_inside(entry.path, root):
+            name = entry.path[len(root) + 1 :].split("/", 1)[0]
+            children[name] = children.get(name, 0) + entry.size
+    if (
+        sum(children.values()) < archives.SPLIT_DIRECTORY_MIN_BYTES
+        or not 0 < len(children) <= archives.SPLIT_CHILDREN_MAX
+    ):
+        return None
+    return children
+
+
 def check_space(plans: Iterable[AppPlan]) -> list[SpaceCheck]:
     """What each filesystem needs and has; staging never overwrites, so it needs it all.
 
@@ -339,11 +364,15 @@ def require_space(plans: Iterable[AppPlan]) -> None:
 
 @dataclass
 class Extraction:
-    """One engine call of a restore: archive paths extracted into one staging area."""
+    """One engine call of a restore: archive paths extracted into one staging area,
+    but for ``excludes`` (paths left out with what lies below them). A ``last`` call
+    is made once every other call of the restore has ended."""
 
     area: StagingArea
     paths: list[str] = field(default_factory=list)
     size: int = 0
+    excludes: list[str] = field(default_factory=list)
+    last: bool = False
 
 
 def plan_extractions(
@@ -352,21 +381,28 @@ def plan_extractions(
     """The engine calls that stage ``plans``: one per staging area (filesystem), and an
     area's paths split into up to ``concurrency`` calls made side by side.
 
-    A split never goes below an app's declared paths (a path and what lies below it are
-    extracted by one call, so the engine's own rules for what it extracts hold within
-    it), and gives no call less than ``minimum_bytes``: each call pays the engine's
-    start-up again. Paths are dealt out largest first, each to the call with the least
-    so far, which keeps the calls close in size.
+    A split gives no call less than ``minimum_bytes`` (each call pays the engine's
+    start-up again) and keeps a declared path and what lies below it in one call (the
+    engine's own rules hold within it; a path inside another, as two apps may share a
+    tree, goes with it), except for a directory larger than a fair share whose
+    children's sizes are known (:func:`staged_children`): its children are dealt out
+    instead, and the directory itself, without them, is extracted by a ``last`` call,
+    so that its own metadata (times above all) is set after everything written into it.
+    That call also extracts any child the sizes did not know of. Paths are dealt out
+    largest first, each to the call with the least so far, which keeps the calls close
+    in size.
     """
-    by_area: dict[int, tuple[StagingArea, dict[str, int]]] = {}
+    by_area: dict[int, tuple[StagingArea, dict[str, int], dict[str, dict[str, int] | None]]] = {}
     for app_plan in plans:
         for path_plan in app_plan.paths:
             if path_plan.in_archive:
-                area, sizes = by_area.setdefault(path_plan.area.device, (path_plan.area, {}))
+                area, sizes, children = by_area.setdefault(
+                    path_plan.area.device, (path_plan.area, {}, {})
+                )
                 sizes[path_plan.archive_path] = staged_bytes(app_plan, path_plan)
+                children[path_plan.archive_path] = staged_children(app_plan, path_plan)
     extractions = []
-    for area, sizes in by_area.values():
-        # A path inside another (two apps may share a directory tree) goes with it.
+    for area, sizes, children in by_area.values():
         roots: dict[str, int] = {}
         for path in sorted(sizes):
             outer = next((root for root in roots if is_inside(path, root)), None)
@@ -374,19 +410,33 @@ def plan_extractions(
                 roots[path] = sizes[path]
             else:
                 roots[outer] += sizes[path]
+                children[outer] = None  # split along the paths of one app only
         total = sum(roots.values())
-        count = max(1, min(concurrency, len(roots), total // max(minimum_bytes, 1)))
-        calls = [Extraction(area) for _ in range(count)]
-        for path in sorted(roots, key=lambda root: (-roots[root], root)):
+        possible = max(1, min(concurrency, total // max(minimum_bytes, 1)))
+        units: dict[str, int] = {}
+        split: dict[str, list[str]] = {}
+        for root, size in roots.items():
+            known = children.get(root)
+            if possible > 1 and known and len(known) > 1 and size > total / possible:
+                split[root] = [f"{root}/{name}" for name in sorted(known)]
+                units.update({f"{root}/{name}": known[name] for name in known})
+            else:
+                units[root] = size
+        calls = [Extraction(area) for _ in range(min(possible, len(units)))]
+        for path in sorted(units, key=lambda unit: (-units[unit], unit)):
             lightest = min(calls, key=lambda call: call.size)
             lightest.paths.append(path)
-            lightest.size += roots[path]
+            lightest.size += units[path]
         extractions += calls
+        if split:
+            excludes = [child for root in sorted(split) for child in split[root]]
+            extractions.append(Extraction(area, sorted(split), 0, excludes, last=True))
     return extractions
 
 
 class _CombinedProgress:
-    """One progress report for extractions made side by side: their bytes summed."""
+    """One progress report for the extractions of a restore: their bytes summed, and
+    their totals as far as they are known (a call made last reports its own later)."""
 
     def __init__(self, on_progress: ProgressCallback, count: int) -> None:
         self.on_progress = on_progress
@@ -410,7 +460,7 @@ class _CombinedProgress:
                 combined = Progress(
                     progress.operation,
                     current=sum(self.current),
-                    total=sum(known) if len(known) == len(self.totals) else None,
+                    total=sum(known) if known else None,
                     message=progress.message,
                     finished=all(self.finished),
                 )
@@ -427,7 +477,8 @@ def stage(
     alongside: bool = False,
 ) -> list[str]:
     """Extract every planned path into its staging area, in the calls
-    :func:`plan_extractions` makes for the source's ``extract_concurrency``.
+    :func:`plan_extractions` makes for the source's ``extract_concurrency``: those made
+    side by side first, then the ``last`` ones.
 
     Calls made side by side, with each other or (``alongside``) with another engine call
     of the caller's, are made through ``source.hasty()``; one that found the repository
@@ -444,61 +495,68 @@ def stage(
             # Made beforehand: engines side by side would race to make them.
             (extraction.area.root / "new" / path).parent.mkdir(parents=True, exist_ok=True)
     combined = _CombinedProgress(on_progress, len(extractions)) if on_progress else None
+    side_by_side = alongside or len(extractions) > 1
+    first_source = source.hasty() if side_by_side else source
 
     def extract(index: int, from_source: ArchiveSource) -> list[str]:
         extraction = extractions[index]
         assert extraction.area.root is not None
         report = combined.callback(index) if combined else None
-        return from_source.extract(extraction.paths, extraction.area.root / "new", report)
+        return from_source.extract(
+            extraction.paths, extraction.area.root / "new", report, extraction.excludes
+        )
 
-    indexes = range(len(extractions))
-    side_by_side = alongside or len(extractions) > 1
-    first_source = source.hasty() if side_by_side else source
-    outcomes: list[list[str] | BaseException] = []
-    if len(extractions) <= 1:
+    warnings: list[str] = []
+    for last in (False, True):
+        indexes = [index for index, call in enumerate(extractions) if call.last == last]
+        outcomes = _extract_side_by_side(indexes, lambda index: extract(index, first_source))
+        for index, outcome in zip(indexes, outcomes, strict=True):
+            if isinstance(outcome, RepositoryLockedError) and side_by_side:
+                outcome = extract(index, source)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            warnings += outcome
+    return warnings
+
+
+def _extract_side_by_side(
+    indexes: list[int], extract: Callable[[int], list[str]]
+) -> list[list[str] | BaseException]:
+    """``extract(index)`` for every index, side by side when more than one: each one's
+    warnings, or the lock error or exception it ended with."""
+    if len(indexes) <= 1:
+        outcomes: list[list[str] | BaseException] = []
         for index in indexes:
             try:
-                outcomes.append(extract(index, first_source))
+                outcomes.append(extract(index))
             except RepositoryLockedError as error:
                 outcomes.append(error)
-    else:
-        import concurrent.futures
-        import contextvars
+        return outcomes
+    import concurrent.futures
+    import contextvars
 
-        with (
-            execute.tracking() as programs,
-            concurrent.futures.ThreadPoolExecutor(
-                len(extractions), thread_name_prefix="extract"
-            ) as pool,
-        ):
-            futures = [
-                pool.submit(contextvars.copy_context().run, extract, index, first_source)
-                for index in indexes
-            ]
-            try:
-                concurrent.futures.wait(futures)
-            except BaseException:
-                # Interrupted: no extraction may go on (nor keep the pool waiting for it).
-                programs.end_all()
-                raise
-            outcomes += [future.exception() or future.result() for future in futures]
-    warnings: list[str] = []
-    for index, outcome in enumerate(outcomes):
-        if isinstance(outcome, RepositoryLockedError) and side_by_side:
-            outcome = extract(index, source)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        warnings += outcome
-    return warnings
+    with (
+        execute.tracking() as programs,
+        concurrent.futures.ThreadPoolExecutor(len(indexes), thread_name_prefix="extract") as pool,
+    ):
+        futures = [pool.submit(contextvars.copy_context().run, extract, index) for index in indexes]
+        try:
+            concurrent.futures.wait(futures)
+        except BaseException:
+            # Interrupted: no extraction may go on (nor keep the pool waiting for it).
+            programs.end_all()
+            raise
+        return [future.exception() or future.result() for future in futures]
 
 
 def join_hard_links(plans: list[AppPlan]) -> int:
     """Link again, in staging, hard links that :func:`stage` extracted as copies.
 
     An engine links the files of a hard-link group that it extracts in one call; a file
-    whose link target another call extracted comes out as a copy of it. Each such copy
-    is replaced by a link to the target's staged copy (same staging area, so the same
-    filesystem). Returns how many were linked.
+    whose link target another call extracted (another path, or another child of a
+    directory split between calls) comes out as a copy of it. Each such copy is
+    replaced by a link to the target's staged copy (same staging area, so the same
+    filesystem); a missing one is left to :func:`verify`. Returns how many were linked.
     """
     staged: dict[str, Path] = {}
     for app_plan in plans:
@@ -512,11 +570,16 @@ def join_hard_links(plans: list[AppPlan]) -> int:
                 continue
             entry_root = _staged_root(staged, entry.path)
             target_root = _staged_root(staged, entry.link_target)
-            if entry_root is None or target_root is None or entry_root == target_root:
+            if entry_root is None or target_root is None:
                 continue
+            if staged[entry_root] != staged[target_root]:
+                continue  # on two filesystems: no link can join them
             copy = staged[entry_root] / entry.path
             target = staged[target_root] / entry.link_target
-            if staged[entry_root] != staged[target_root] or os.path.samefile(copy, target):
+            try:
+                if os.path.samefile(copy, target):
+                    continue
+            except OSError:
                 continue
             # Linked beside the copy, then renamed over it: the copy is never missing.
             # That changes the directory's times, which the engine had restored: put back.

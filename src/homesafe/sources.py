@@ -54,8 +54,15 @@ class ArchiveSource(Protocol):
     def listing(self) -> list[ArchiveEntry]: ...
 
     def extract(
-        self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
-    ) -> list[str]: ...
+        self,
+        paths: Sequence[str],
+        into: Path,
+        on_progress: ProgressCallback | None = None,
+        excludes: Sequence[str] = (),
+    ) -> list[str]:
+        """Extract ``paths`` (archive paths) and what lies below them into ``into``,
+        but for ``excludes`` and what lies below them; returns the warnings."""
+        ...
 
     def hasty(self) -> ArchiveSource:
         """This source, for calls made side by side: they wait SIDE_BY_SIDE_LOCK_WAIT
@@ -174,10 +181,19 @@ class EngineSource:
         return description, listing
 
     def extract(
-        self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
+        self,
+        paths: Sequence[str],
+        into: Path,
+        on_progress: ProgressCallback | None = None,
+        excludes: Sequence[str] = (),
     ) -> list[str]:
         return self.engine.extract(
-            self.repository, self.archive_name, list(paths), into, on_progress=on_progress
+            self.repository,
+            self.archive_name,
+            list(paths),
+            into,
+            on_progress=on_progress,
+            excludes=excludes,
         )
 
 
@@ -333,12 +349,17 @@ class TarSource:
             )
 
     def extract(
-        self, paths: Sequence[str], into: Path, on_progress: ProgressCallback | None = None
+        self,
+        paths: Sequence[str],
+        into: Path,
+        on_progress: ProgressCallback | None = None,
+        excludes: Sequence[str] = (),
     ) -> list[str]:
         selected = [
             member
             for member in self.members
             if any(is_inside(member_path(member), path) for path in paths)
+            and not any(is_inside(member_path(member), path) for path in excludes)
         ]
         with tarfile.open(self.tar_path) as tar:
             # Every member was checked by check(): extract as the archive says, owners

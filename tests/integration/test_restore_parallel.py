@@ -9,9 +9,11 @@ one call gives: every file, its metadata, and hard links across the calls joined
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from homesafe import api, repositories, restore, sources
+from homesafe import api, archives, repositories, restore, sources
 from homesafe.engines.base import Progress
 from homesafe.engines.borg import BorgEngine
 from homesafe.repositories import Repository, default_repository
@@ -262,3 +264,90 @@ def test_an_interrupted_restore_ends_every_extraction_at_once(
             os.kill(pid, 0)
     assert snapshot_tree(base) == changed
     assert not any((homesafe_env / "home/tmp").iterdir())
+
+
+def write_deep_app(write_manifest: ManifestWriter, root: Path) -> Path:
+    """An app whose data is one directory of several children, with a hard link across
+    two of them, an odd mode and an old modification time on the directory itself."""
+    base = root / "deep"
+    data = base / "data"
+    for child in ("photos/2024", "photos/2025", "mail/inbox", "music"):
+        (data / child).mkdir(parents=True)
+    (data / "photos/2024/a.jpg").write_bytes(os.urandom(400_000))
+    (data / "photos/2025/b.jpg").write_bytes(os.urandom(300_000))
+    (data / "mail/inbox/1.eml").write_text("mail\n" * 10_000)
+    (data / "music/song.ogg").write_bytes(os.urandom(200_000))
+    (data / "index.db").write_bytes(os.urandom(100_000))
+    os.link(data / "photos/2024/a.jpg", data / "music/cover.jpg")
+    (data / "README").symlink_to("index.db")
+    data.chmod(0o750)
+    os.utime(data, (1_600_000_000, 1_600_000_000))
+    manifest = {"id": "deep", "version": 1, "data": {"directories": [str(data)]}}
+    write_manifest("deep", to_toml(manifest))
+    return base
+
+
+def change_deep_app(base: Path) -> None:
+    (base / "data/index.db").write_text("changed\n")
+    shutil.rmtree(base / "data/photos")
+    (base / "data/stray.txt").write_text("stray\n")
+    (base / "data").chmod(0o700)
+
+
+def deep_state(base: Path) -> tuple[object, ...]:
+    data = base / "data"
+    return (
+        snapshot_tree(base),
+        data.lstat().st_mtime_ns,
+        [
+            Path(directory, name).lstat().st_mtime_ns
+            for directory, subdirectories, files in sorted(os.walk(data))
+            for name in sorted([*subdirectories, *files])
+        ],
+        links(base),
+    )
+
+
+@pytest.mark.parametrize("record", ["whole", "missing-a-child", "none"])
+def test_a_large_directory_is_extracted_child_by_child_then_itself_last(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    record: str,
+) -> None:
+    """Its children are dealt out to the calls side by side; the directory itself,
+    without them, is extracted by one more call once they ended, so that its times and
+    mode are borg's. A child the record does not know (one made during the backup)
+    is extracted by that last call."""
+    monkeypatch.setattr(archives, "SPLIT_DIRECTORY_MIN_BYTES", 1)
+    base = write_deep_app(write_manifest, homesafe_env / "srv")
+    expected = deep_state(base)
+    assert len(links(base)) == 1
+    backup = api.backup_apps()
+    record_file = record_of(homesafe_env, backup.archive) / archives.RECORD_FILE
+    document = json.loads(record_file.read_text())
+    assert sorted(document["sizes"][str(base / "data")][2]) == [
+        "README",
+        "index.db",
+        "mail",
+        "music",
+        "photos",
+    ]
+    if record == "missing-a-child":
+        del document["sizes"][str(base / "data")][2]["mail"]
+        record_file.write_text(json.dumps(document))
+    elif record == "none":
+        shutil.rmtree(record_file.parent)
+    change_deep_app(base)
+    log = logging_borg(homesafe_env, monkeypatch)
+
+    result = api.restore_apps(backup.archive)
+
+    assert result.status == "ok", describe(result)
+    assert deep_state(base) == expected
+    assert stat.S_IMODE((base / "data").stat().st_mode) == 0o750
+    calls = [line for line in log.read_text().splitlines() if line.endswith(" extract")]
+    assert calls.count("begin extract") == CALLS + 1, calls
+    # The last call begins once every other one has ended.
+    assert calls[-2:] == ["begin extract", "end extract"], calls
+    assert calls[: 2 * CALLS].count("end extract") == CALLS, calls

@@ -243,7 +243,10 @@ def test_a_record_holds_the_metadata_run_marker_and_sizes(tmp_path: Path) -> Non
     staging, run_id = written_metadata(tmp_path, "a")
     directory = archives.record_directory(tmp_path / "home", "default", "a")
     assert directory is not None
-    sizes = {"/srv/notes": archives.PathSize(1234, 7)}
+    sizes = {
+        "/srv/notes": archives.PathSize(1234, 7),
+        "/srv/media": archives.PathSize(9000, 5, {"films": 8000, "poster.png": 1000}),
+    }
 
     archives.save_record(directory, staging, "/repo", sizes)
 
@@ -278,3 +281,29 @@ def test_records_are_replaced_kept_to_the_newest_and_forgotten(tmp_path: Path) -
     archives.forget_repository_records(home, "default")
     assert not records.exists()
     assert archives.record_directory(home, "default", "../x") is None
+
+
+def test_the_size_walk_measures_a_large_directory_child_by_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from homesafe.api import _tree_size
+
+    media = tmp_path / "media"
+    (media / "films/old").mkdir(parents=True)
+    (media / "films/a.mkv").write_bytes(b"x" * 600)
+    (media / "films/old/b.mkv").write_bytes(b"x" * 300)
+    (media / "poster.png").write_bytes(b"x" * 100)
+    (media / "empty").mkdir()
+    (media / "link").symlink_to("poster.png")
+
+    small = _tree_size(str(media))
+    monkeypatch.setattr(archives, "SPLIT_DIRECTORY_MIN_BYTES", 1000)
+    large = _tree_size(str(media))
+    monkeypatch.setattr(archives, "SPLIT_CHILDREN_MAX", 3)
+    crowded = _tree_size(str(media))
+
+    assert small == archives.PathSize(1000 + len("poster.png"), 8)
+    assert large.children == {"films": 900, "poster.png": 100, "empty": 0, "link": 10}
+    assert (large.bytes, large.entries) == (small.bytes, small.entries)
+    assert crowded.children is None
+    assert _tree_size(str(media / "poster.png")) == archives.PathSize(100, 1)

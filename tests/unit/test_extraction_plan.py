@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from homesafe import restore
+import pytest
+
+from homesafe import archives, restore
+from homesafe.engines.base import ArchiveEntry
 
 MIB = 1024 * 1024
 
@@ -88,3 +91,61 @@ def test_paths_the_archive_lacks_are_not_extracted(tmp_path: Path) -> None:
     extractions = restore.plan_extractions([plan], concurrency=2, minimum_bytes=1)
 
     assert calls(extractions) == [(["kept"], 100)]
+
+
+def test_a_large_directory_is_split_into_its_children_and_extracted_last(
+    tmp_path: Path,
+) -> None:
+    area = restore.StagingArea(1, tmp_path)
+    plan = app_plan("big", area, {"/srv/big/data": 900 * MIB, "/srv/big/etc": 1 * MIB})
+    plan.paths[0].expected_children = {"a": 400 * MIB, "b": 300 * MIB, "c": 200 * MIB}
+
+    extractions = restore.plan_extractions([plan], concurrency=2, minimum_bytes=64 * MIB)
+
+    assert [(call.paths, call.size // MIB, call.excludes, call.last) for call in extractions] == [
+        (["srv/big/data/a", "srv/big/etc"], 401, [], False),
+        (["srv/big/data/b", "srv/big/data/c"], 500, [], False),
+        (["srv/big/data"], 0, ["srv/big/data/a", "srv/big/data/b", "srv/big/data/c"], True),
+    ]
+
+
+def test_a_directory_within_its_share_or_without_concurrency_is_not_split(
+    tmp_path: Path,
+) -> None:
+    area = restore.StagingArea(1, tmp_path)
+    plan = app_plan("even", area, {"/one": 500 * MIB, "/two": 500 * MIB})
+    plan.paths[0].expected_children = {"a": 250 * MIB, "b": 250 * MIB}
+
+    shared = restore.plan_extractions([plan], concurrency=2, minimum_bytes=64 * MIB)
+    alone = restore.plan_extractions([plan], concurrency=1, minimum_bytes=64 * MIB)
+
+    assert calls(shared) == [(["one"], 500), (["two"], 500)]
+    assert calls(alone) == [(["one", "two"], 1000)]
+    assert not any(call.last or call.excludes for call in [*shared, *alone])
+
+
+def test_children_come_from_the_listing_when_planned_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archives, "SPLIT_DIRECTORY_MIN_BYTES", 100)
+    area = restore.StagingArea(1, tmp_path)
+    entries = [
+        ArchiveEntry("data", "d", "drwxr-xr-x", 0),
+        ArchiveEntry("data/x", "d", "drwxr-xr-x", 0),
+        ArchiveEntry("data/x/1", "-", "-rw-r--r--", 300),
+        ArchiveEntry("data/x/2", "-", "-rw-r--r--", 300),
+        ArchiveEntry("data/y", "-", "-rw-r--r--", 500),
+        ArchiveEntry("data/z", "-", "-rw-r--r--", 10),
+    ]
+    plan = restore.plan([("app", ["/data"])], entries, tmp_path)[0]
+    plan.paths[0].area = area
+
+    assert restore.staged_children(plan, plan.paths[0]) == {"x": 600, "y": 500, "z": 10}
+    extractions = restore.plan_extractions([plan], concurrency=2, minimum_bytes=1)
+    assert [(call.paths, call.excludes, call.last) for call in extractions] == [
+        (["data/x"], [], False),
+        (["data/y", "data/z"], [], False),
+        (["data"], ["data/x", "data/y", "data/z"], True),
+    ]
+    monkeypatch.setattr(archives, "SPLIT_CHILDREN_MAX", 2)
+    assert restore.staged_children(plan, plan.paths[0]) is None

@@ -242,7 +242,12 @@ class Engine(Protocol):
         target_root: Path,
         *,
         on_progress: ProgressCallback | None = None,
-    ) -> list[str]: ...
+        excludes: Sequence[str] = (),
+    ) -> list[str]:
+        """Extract ``paths`` and what lies below them into ``target_root``, but for
+        ``excludes`` and what lies below them (archive paths, without the leading
+        ``/``); returns the warnings."""
+        ...
 
     def delete(self, repository: Repository, archive_names: Sequence[str]) -> None: ...
 

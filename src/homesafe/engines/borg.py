@@ -249,11 +249,19 @@ def parse_contents(output: str) -> list[ArchiveEntry]:
 
 
 def extract_argv(
-    repository: Repository, archive_name: str, paths: Sequence[str], *, progress: bool
+    repository: Repository,
+    archive_name: str,
+    paths: Sequence[str],
+    *,
+    progress: bool,
+    excludes: Sequence[str] = (),
 ) -> list[str]:
     argv = [BORG, "extract", "--log-json"]
     if progress:
         argv.append("--progress")
+    # Path prefixes ("pp:"): literal, each path and what lies below it.
+    for path in excludes:
+        argv += ["--exclude", f"pp:{path}"]
     return [*argv, "--", archive_argument(repository, archive_name), *paths]
 
 
@@ -737,11 +745,18 @@ class BorgEngine:
         target_root: Path,
         *,
         on_progress: ProgressCallback | None = None,
+        excludes: Sequence[str] = (),
     ) -> list[str]:
         on_record = extract_progress(on_progress)
         completed = run_borg(
             repository,
-            extract_argv(repository, archive_name, paths, progress=on_progress is not None),
+            extract_argv(
+                repository,
+                archive_name,
+                paths,
+                progress=on_progress is not None,
+                excludes=excludes,
+            ),
             accept_warnings=True,
             on_record=on_record,
             working_directory=target_root,

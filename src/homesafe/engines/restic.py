@@ -783,10 +783,17 @@ class ResticEngine:
         target_root: Path,
         *,
         on_progress: ProgressCallback | None = None,
+        excludes: Sequence[str] = (),
     ) -> list[str]:
         """``restic restore`` of ``paths``; the snapshot is named by its id once a
         listing (by this engine object) told it, so that what is extracted is what was
-        listed."""
+        listed. ``excludes`` are refused: `restic restore` takes includes or excludes,
+        not both (homesafe asks for none: see ``extract_concurrency``)."""
+        if excludes:
+            raise EngineError(
+                "restic cannot restore paths while leaving some of what lies below them "
+                f"out ({', '.join(excludes[:3])}): its --include and --exclude do not mix"
+            )
         snapshot = self._snapshot_ids.get((restic_location(repository), archive_name), archive_name)
         run_restic(repository, restore_argv(repository, snapshot, paths, target_root))
         if on_progress is not None:
