@@ -20,7 +20,8 @@ everything homesafe does around borg, the borg calls, process exit):
   targets, verifies it, renames the damaged paths aside and the staged ones into place,
   then removes the damaged copies: that removal is part of its time. homesafe runs up
   to one ``borg extract`` per core side by side, each with a share of the apps'
-  declared paths (the large app declares three directories); the raw extracts are one
+  declared paths (the large app declares three directories, each under the 512 MiB
+  from which a directory is shared out by its entries); the raw extracts are one
   ``borg extract``, as a user would type it.
 * **raw extract after damage**: ``borg extract`` of the same archive, every path, into
   an *empty* directory on the same filesystem, with what homesafe gives borg: the same

@@ -7,7 +7,8 @@ For each path of each app being restored:
 2. **check space** — every filesystem must hold what will be staged on it, before
    anything is written;
 3. **stage** — the engine extracts the paths into the staging areas while the apps still
-   run;
+   run, in several calls side by side when it extracts on one core
+   (:func:`plan_extractions`);
 4. **verify** — every archived file is there with its size;
 5. **swap** (under quiesce) — the live path is renamed aside, the staged one renamed into
    place; the previous copy is kept until the whole app succeeded, so that any failure
