@@ -400,8 +400,13 @@ def plan_extractions(
                 area, sizes, children = by_area.setdefault(
                     path_plan.area.device, (path_plan.area, {}, {})
                 )
-                sizes[path_plan.archive_path] = staged_bytes(app_plan, path_plan)
-                children[path_plan.archive_path] = staged_children(app_plan, path_plan)
+                size = staged_bytes(app_plan, path_plan)
+                sizes[path_plan.archive_path] = size
+                # Only what may be split is looked into: a walk of the listing per path.
+                splittable = concurrency > 1 and size >= archives.SPLIT_DIRECTORY_MIN_BYTES
+                children[path_plan.archive_path] = (
+                    staged_children(app_plan, path_plan) if splittable else None
+                )
     extractions = []
     for area, sizes, children in by_area.values():
         roots: dict[str, int] = {}
