@@ -416,7 +416,7 @@ def plan_extractions(
                 roots[path] = sizes[path]
             else:
                 roots[outer] += sizes[path]
-                children[outer] = None  # split along the paths of one app only
+                children[outer] = None  # a path holding other planned paths goes whole
         total = sum(roots.values())
         possible = max(1, min(concurrency, total // max(minimum_bytes, 1)))
         units: dict[str, int] = {}
