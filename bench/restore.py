@@ -8,6 +8,10 @@ What is measured, in one run, on one generated data set backed up (untimed) by o
   compressible files;
 * **small**: a ~5 MiB app of a few hundred files (1-32 KiB, half random, half text).
 
+The large app declares its three directories (small files, incompressible files,
+compressible files); with ``--layout one-directory`` it declares one directory holding
+them, as an app whose data is one directory does.
+
 Each app is declared by a manifest of its own in ``$HOMESAFE_CONFIG/apps.d``;
 ``HOMESAFE_HOME`` and ``HOMESAFE_CONFIG`` are in the work directory. Timed, each as the
 wall clock (``time.monotonic``) of one whole subprocess (interpreter start-up, imports,
@@ -20,9 +24,10 @@ everything homesafe does around borg, the borg calls, process exit):
   targets, verifies it, renames the damaged paths aside and the staged ones into place,
   then removes the damaged copies: that removal is part of its time. homesafe runs up
   to one ``borg extract`` per core side by side, each with a share of the apps'
-  declared paths (the large app declares three directories, each under the 512 MiB
-  from which a directory is shared out by its entries); the raw extracts are one
-  ``borg extract``, as a user would type it.
+  declared paths (by default the large app declares three directories, each under the
+  512 MiB from which a directory is shared out by its entries; one directory of 512 MiB
+  or more is shared out by its three entries, then extracted itself by a last call);
+  the raw extracts are one ``borg extract``, as a user would type it.
 * **raw extract after damage**: ``borg extract`` of the same archive, every path, into
   an *empty* directory on the same filesystem, with what homesafe gives borg: the same
   repository, ``BORG_BASE_DIR=$HOMESAFE_HOME/borg``, the passphrase through
@@ -67,7 +72,8 @@ The figures are printed as a table and written as JSON to ``bench/results/restor
 ``--check`` exits 1 when a target is missed. Only the standard library is used.
 
     .venv/bin/python bench/restore.py [--size-mb N] [--small-mb N] [--repeats N]
-        [--work-dir DIR] [--keep] [--check] [--profile] [--quiet-wait SECONDS]
+        [--layout three-directories|one-directory] [--work-dir DIR] [--keep] [--check]
+        [--profile] [--quiet-wait SECONDS]
 """
 
 from __future__ import annotations
@@ -181,20 +187,37 @@ class AppData:
         return [str(directory).lstrip("/") for directory in self.directories]
 
     def summary(self) -> dict[str, Any]:
-        return {"files": self.files, "bytes": self.bytes, "digest": self.digest}
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "digest": self.digest,
+            "directories": [str(directory) for directory in self.directories],
+        }
 
 
-def app_data(workspace: Workspace) -> dict[str, AppData]:
+# How the large app declares its data: three directories (files, media, journals), or
+# one directory holding the three.
+LAYOUTS = ("three-directories", "one-directory")
+
+
+def app_data(workspace: Workspace, layout: str) -> dict[str, AppData]:
     large = workspace.data / LARGE_APP
+    declared = [large] if layout == "one-directory" else large_app_roots(large)
     return {
-        LARGE_APP: AppData(LARGE_APP, [large / "files", large / "media", large / "journals"]),
+        LARGE_APP: AppData(LARGE_APP, declared),
         SMALL_APP: AppData(SMALL_APP, [workspace.data / SMALL_APP]),
     }
 
 
+def large_app_roots(large: Path) -> list[Path]:
+    return [large / "files", large / "media", large / "journals"]
+
+
 def generate_large_app(app: AppData, size_mb: int, small_files: int) -> None:
-    """The data set of bench/overhead.py, in the app's three directories."""
-    files_root, media_root, journals_root = app.directories
+    """The data set of bench/overhead.py, in the three directories of the large app
+    (declared, or in the one directory declared)."""
+    (declared,) = app.directories if len(app.directories) == 1 else [app.directories[0].parent]
+    files_root, media_root, journals_root = large_app_roots(declared)
     # Made even when no small file fits: the manifest declares it.
     files_root.mkdir(parents=True)
     write_data_set(Random(SEED), files_root, media_root, journals_root, size_mb, small_files)
@@ -244,14 +267,15 @@ def app_digest(app: AppData, below: Path = Path("/")) -> tuple[int, int, str]:
 
 
 def generate_data_set(
-    workspace: Workspace, size_mb: int, small_files: int, small_mb: int
+    workspace: Workspace, size_mb: int, small_files: int, small_mb: int, layout: str
 ) -> tuple[dict[str, AppData], bool]:
     """Write both apps' data (or reuse the intact data already there); True if reused."""
-    apps = app_data(workspace)
+    apps = app_data(workspace, layout)
     wanted = {
         "size_mb": size_mb,
         "small_files": small_files,
         "small_mb": small_mb,
+        "layout": layout,
         "seed": SEED,
         "format": 1,
     }
@@ -1034,6 +1058,12 @@ def parse_arguments() -> argparse.Namespace:
         "--small-files", type=int, default=5000, help="large app's small files (5000)"
     )
     parser.add_argument("--small-mb", type=int, default=5, help="small app's size (5)")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=LAYOUTS[0],
+        help=f"the large app declares its three directories, or one holding them ({LAYOUTS[0]})",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="runs of each case (5)")
     parser.add_argument(
         "--work-dir", type=Path, help="work directory (default: a fresh ext4 on a loop device)"
@@ -1094,7 +1124,7 @@ def main() -> int:
         workspace = Workspace(root)
         started = time.monotonic()
         apps, reused = generate_data_set(
-            workspace, options.size_mb, options.small_files, options.small_mb
+            workspace, options.size_mb, options.small_files, options.small_mb, options.layout
         )
         for app in apps.values():
             log(
