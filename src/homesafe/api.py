@@ -1225,7 +1225,7 @@ def _run_restore(run: _RestoreRun, on_progress: ProgressCallback | None) -> Oper
             else:
                 warnings = restore.stage(plans, run.source, on_progress)
             # Extractions side by side copy hard links that span them: link them again.
-            restore.join_hard_links(plans)
+            warnings += restore.join_hard_links(plans)
         except EngineError as error:
             for app in run.active():
                 run.results[app.id].fail("engine", error.message)

@@ -555,21 +555,23 @@ def _extract_side_by_side(
         return [future.exception() or future.result() for future in futures]
 
 
-def join_hard_links(plans: list[AppPlan]) -> int:
+def join_hard_links(plans: list[AppPlan]) -> list[str]:
     """Link again, in staging, hard links that :func:`stage` extracted as copies.
 
     An engine links the files of a hard-link group that it extracts in one call; a file
     whose link target another call extracted (another path, or another child of a
     directory split between calls) comes out as a copy of it. Each such copy is
     replaced by a link to the target's staged copy (same staging area, so the same
-    filesystem); a missing one is left to :func:`verify`. Returns how many were linked.
+    filesystem); a missing one is left to :func:`verify`. A copy that cannot be linked
+    (the filesystem refuses) stays a copy, with the same contents: returns a warning
+    for each.
     """
     staged: dict[str, Path] = {}
     for app_plan in plans:
         for path_plan in app_plan.paths:
             if path_plan.in_archive and path_plan.area.root is not None:
                 staged[path_plan.archive_path] = path_plan.area.root / "new"
-    linked = 0
+    warnings = []
     for app_plan in plans:
         for entry in app_plan.entries:
             if not (entry.mode.startswith("h") and entry.link_target):
@@ -587,15 +589,33 @@ def join_hard_links(plans: list[AppPlan]) -> int:
                     continue
             except OSError:
                 continue
-            # Linked beside the copy, then renamed over it: the copy is never missing.
-            # That changes the directory's times, which the engine had restored: put back.
-            directory = os.stat(copy.parent)
-            beside = copy.with_name(f".{copy.name}.homesafe-link")
-            os.link(target, beside)
-            os.replace(beside, copy)
-            os.utime(copy.parent, ns=(directory.st_atime_ns, directory.st_mtime_ns))
-            linked += 1
-    return linked
+            try:
+                _link_over(target, copy)
+            except OSError as error:
+                warnings.append(
+                    f"/{entry.path} is restored as a copy of /{entry.link_target}, not as "
+                    f"a hard link to it: {error.strerror or error}"
+                )
+    return warnings
+
+
+def _link_over(target: Path, copy: Path) -> None:
+    """Replace ``copy`` by a hard link to ``target``, keeping its directory's times.
+
+    Linked beside the copy, then renamed over it, so that the copy is never missing;
+    that changes the directory's times, which the engine had restored: put back.
+    """
+    directory = os.stat(copy.parent)
+    beside = copy.with_name(f".{copy.name}.homesafe-link")
+    os.link(target, beside)
+    try:
+        os.replace(beside, copy)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(beside)
+        raise
+    finally:
+        os.utime(copy.parent, ns=(directory.st_atime_ns, directory.st_mtime_ns))
 
 
 def _staged_root(staged: dict[str, Path], path: str) -> str | None:

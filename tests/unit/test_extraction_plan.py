@@ -1,14 +1,18 @@
 """restore.plan_extractions: which engine calls stage a restore, and which paths each
-extracts. Planned from sizes as a backup's record gives them (no engine involved)."""
+extracts, planned from sizes as a backup's record gives them (no engine involved); and
+restore.join_hard_links, which links again in staging what two calls copied."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from homesafe import archives, restore
 from homesafe.engines.base import ArchiveEntry
+from tests.conftest import requires_root
 
 MIB = 1024 * 1024
 
@@ -149,3 +153,57 @@ def test_children_come_from_the_listing_when_planned_from_it(
     ]
     monkeypatch.setattr(archives, "SPLIT_CHILDREN_MAX", 2)
     assert restore.staged_children(plan, plan.paths[0]) is None
+
+
+def staged_app(tmp_path: Path, paths: list[str], entries: list[ArchiveEntry]) -> restore.AppPlan:
+    """A plan whose paths are staged below ``tmp_path/staging/new`` (made here)."""
+    area = restore.StagingArea(1, tmp_path, root=tmp_path / "staging")
+    (tmp_path / "staging/new").mkdir(parents=True)
+    path_plans = [restore.PathPlan(path, tmp_path / path.lstrip("/"), True, area) for path in paths]
+    return restore.AppPlan("app", path_plans, entries)
+
+
+def test_copies_of_hard_links_are_linked_again_keeping_their_directory_times(
+    tmp_path: Path,
+) -> None:
+    entries = [
+        ArchiveEntry("one/file", "-", "-rw-r--r--", 5),
+        ArchiveEntry("two/link", "-", "hrw-r--r--", 5, link_target="one/file"),
+    ]
+    plan = staged_app(tmp_path, ["/one", "/two"], entries)
+    new = tmp_path / "staging/new"
+    for path in ("one/file", "two/link"):
+        (new / path).parent.mkdir()
+        (new / path).write_text("data\n")
+    os.utime(new / "two", ns=(1_000_000_000, 1_500_000_000_123_456_789))
+
+    assert restore.join_hard_links([plan]) == []
+
+    assert os.path.samefile(new / "one/file", new / "two/link")
+    assert sorted(os.listdir(new / "two")) == ["link"]
+    assert (new / "two").stat().st_mtime_ns == 1_500_000_000_123_456_789
+    assert restore.join_hard_links([plan]) == []  # nothing left to do
+
+
+@requires_root()
+def test_a_link_the_filesystem_refuses_leaves_the_copy_and_warns(tmp_path: Path) -> None:
+    entries = [
+        ArchiveEntry("one/file", "-", "-rw-r--r--", 5),
+        ArchiveEntry("two/link", "-", "hrw-r--r--", 5, link_target="one/file"),
+    ]
+    plan = staged_app(tmp_path, ["/one", "/two"], entries)
+    new = tmp_path / "staging/new"
+    for path in ("one/file", "two/link"):
+        (new / path).parent.mkdir()
+        (new / path).write_text("data\n")
+    # An immutable file cannot be linked to (EPERM).
+    subprocess.run(["chattr", "+i", str(new / "one/file")], check=True)
+    try:
+        warnings = restore.join_hard_links([plan])
+    finally:
+        subprocess.run(["chattr", "-i", str(new / "one/file")], check=True)
+
+    assert len(warnings) == 1 and "/two/link is restored as a copy of /one/file" in warnings[0]
+    assert not os.path.samefile(new / "one/file", new / "two/link")
+    assert (new / "two/link").read_text() == "data\n"
+    assert sorted(os.listdir(new / "two")) == ["link"]
