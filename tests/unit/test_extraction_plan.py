@@ -155,26 +155,28 @@ def test_children_come_from_the_listing_when_planned_from_it(
     assert restore.staged_children(plan, plan.paths[0]) is None
 
 
-def staged_app(tmp_path: Path, paths: list[str], entries: list[ArchiveEntry]) -> restore.AppPlan:
-    """A plan whose paths are staged below ``tmp_path/staging/new`` (made here)."""
+def staged_link(tmp_path: Path) -> tuple[restore.AppPlan, Path]:
+    """A plan of paths /one and /two whose staged copies (below the returned ``new``)
+    hold two copies of one hard-linked file: two/link links to one/file."""
+    entries = [
+        ArchiveEntry("one/file", "-", "-rw-r--r--", 5),
+        ArchiveEntry("two/link", "-", "hrw-r--r--", 5, link_target="one/file"),
+    ]
     area = restore.StagingArea(1, tmp_path, root=tmp_path / "staging")
-    (tmp_path / "staging/new").mkdir(parents=True)
-    path_plans = [restore.PathPlan(path, tmp_path / path.lstrip("/"), True, area) for path in paths]
-    return restore.AppPlan("app", path_plans, entries)
+    new = tmp_path / "staging/new"
+    for path in ("one/file", "two/link"):
+        (new / path).parent.mkdir(parents=True)
+        (new / path).write_text("data\n")
+    path_plans = [
+        restore.PathPlan(path, tmp_path / path[1:], True, area) for path in ("/one", "/two")
+    ]
+    return restore.AppPlan("app", path_plans, entries), new
 
 
 def test_copies_of_hard_links_are_linked_again_keeping_their_directory_times(
     tmp_path: Path,
 ) -> None:
-    entries = [
-        ArchiveEntry("one/file", "-", "-rw-r--r--", 5),
-        ArchiveEntry("two/link", "-", "hrw-r--r--", 5, link_target="one/file"),
-    ]
-    plan = staged_app(tmp_path, ["/one", "/two"], entries)
-    new = tmp_path / "staging/new"
-    for path in ("one/file", "two/link"):
-        (new / path).parent.mkdir()
-        (new / path).write_text("data\n")
+    plan, new = staged_link(tmp_path)
     os.utime(new / "two", ns=(1_000_000_000, 1_500_000_000_123_456_789))
 
     assert restore.join_hard_links([plan]) == []
@@ -187,15 +189,7 @@ def test_copies_of_hard_links_are_linked_again_keeping_their_directory_times(
 
 @requires_root()
 def test_a_link_the_filesystem_refuses_leaves_the_copy_and_warns(tmp_path: Path) -> None:
-    entries = [
-        ArchiveEntry("one/file", "-", "-rw-r--r--", 5),
-        ArchiveEntry("two/link", "-", "hrw-r--r--", 5, link_target="one/file"),
-    ]
-    plan = staged_app(tmp_path, ["/one", "/two"], entries)
-    new = tmp_path / "staging/new"
-    for path in ("one/file", "two/link"):
-        (new / path).parent.mkdir()
-        (new / path).write_text("data\n")
+    plan, new = staged_link(tmp_path)
     # An immutable file cannot be linked to (EPERM).
     subprocess.run(["chattr", "+i", str(new / "one/file")], check=True)
     try:
