@@ -428,8 +428,8 @@ def _ensure_repository(repository: Repository) -> None:
 
 def _tree_size(path: str) -> archives.PathSize:
     """Apparent size of ``path`` and everything below it, and how many entries (files,
-    directories, links) it holds; symlinks are not followed. For a directory of at
-    least SPLIT_DIRECTORY_MIN_BYTES with at most SPLIT_CHILDREN_MAX children, also the
+    directories, links) it holds; symlinks are not followed. For a directory whose
+    children a restore may share out (:func:`archives.splittable_children`), also the
     bytes below each child (see :class:`archives.PathSize`)."""
     total = 0
     entries = 0
@@ -463,10 +463,7 @@ def _tree_size(path: str) -> archives.PathSize:
                         children[below] = children.get(below, 0) + size
         except OSError:
             pass
-    split = total >= archives.SPLIT_DIRECTORY_MIN_BYTES and (
-        0 < len(children) <= archives.SPLIT_CHILDREN_MAX
-    )
-    return archives.PathSize(total, entries, children if split else None)
+    return archives.PathSize(total, entries, archives.splittable_children(children))
 
 
 def _measure_sizes(

@@ -382,6 +382,15 @@ SPLIT_DIRECTORY_MIN_BYTES = 512 * 1024 * 1024
 SPLIT_CHILDREN_MAX = 100
 
 
+def splittable_children(children: dict[str, int]) -> dict[str, int] | None:
+    """``children`` (the bytes below each child of a directory, by name) if a restore
+    may share them out: together at least SPLIT_DIRECTORY_MIN_BYTES, and at most
+    SPLIT_CHILDREN_MAX of them; None otherwise."""
+    if sum(children.values()) < SPLIT_DIRECTORY_MIN_BYTES:
+        return None
+    return children if 0 < len(children) <= SPLIT_CHILDREN_MAX else None
+
+
 @dataclass(frozen=True)
 class PathSize:
     """What one captured path held when measured: bytes of file data, and entries

@@ -16,7 +16,6 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
@@ -89,8 +88,7 @@ class RunningPrograms:
             self._processes.add(process)
             ended = self._ended
         if ended:  # started after end_all, by a thread that did not know yet
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+            _signal_group(process, signal.SIGTERM)
 
     def discard(self, process: subprocess.Popen[bytes]) -> None:
         with self._lock:
@@ -102,9 +100,9 @@ class RunningPrograms:
         with self._lock:
             self._ended = True
             processes = list(self._processes)
+        # All told at once, then each waited for (and killed if it must be) in turn.
         for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+            _signal_group(process, signal.SIGTERM)
         for process in processes:
             _kill_group(process)
 
@@ -349,12 +347,19 @@ def _parse_json_line(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> bool:
+    """Send ``sig`` to the process group; False when it is gone already."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
     """Terminate the process group, then kill it if it does not go within 5 s."""
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
+        if not _signal_group(process, sig):
             return
         try:
             process.wait(timeout=grace)

@@ -305,9 +305,8 @@ def staged_bytes(app_plan: AppPlan, path_plan: PathPlan) -> int:
 
 def staged_children(app_plan: AppPlan, path_plan: PathPlan) -> dict[str, int] | None:
     """The bytes below each child of a large directory path (by name), when known: from
-    the listing, or as measured at backup time; None for a path of less than
-    archives.SPLIT_DIRECTORY_MIN_BYTES or of more than archives.SPLIT_CHILDREN_MAX
-    children."""
+    the listing, or as measured at backup time; None for a path whose children a
+    restore may not share out (:func:`archives.splittable_children`)."""
     if not app_plan.listed:
         return path_plan.expected_children if path_plan.in_archive else None
     root = path_plan.archive_path
@@ -316,12 +315,7 @@ def staged_children(app_plan: AppPlan, path_plan: PathPlan) -> dict[str, int] | 
         if entry.path != root and is_inside(entry.path, root):
             name = entry.path[len(root) + 1 :].split("/", 1)[0]
             children[name] = children.get(name, 0) + entry.size
-    if (
-        sum(children.values()) < archives.SPLIT_DIRECTORY_MIN_BYTES
-        or not 0 < len(children) <= archives.SPLIT_CHILDREN_MAX
-    ):
-        return None
-    return children
+    return archives.splittable_children(children)
 
 
 def check_space(plans: Iterable[AppPlan]) -> list[SpaceCheck]:

@@ -355,12 +355,12 @@ class TarSource:
         on_progress: ProgressCallback | None = None,
         excludes: Sequence[str] = (),
     ) -> list[str]:
-        selected = [
-            member
-            for member in self.members
-            if any(is_inside(member_path(member), path) for path in paths)
-            and not any(is_inside(member_path(member), path) for path in excludes)
-        ]
+        def wanted(name: str) -> bool:
+            return any(is_inside(name, path) for path in paths) and not any(
+                is_inside(name, path) for path in excludes
+            )
+
+        selected = [member for member in self.members if wanted(member_path(member))]
         with tarfile.open(self.tar_path) as tar:
             # Every member was checked by check(): extract as the archive says, owners
             # and modes included, as a restore must.
