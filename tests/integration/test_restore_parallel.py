@@ -8,7 +8,6 @@ one call gives: every file, its metadata, and hard links across the calls joined
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -21,22 +20,25 @@ from pathlib import Path
 
 import pytest
 
-from homesafe import api, archives, repositories, restore, sources
+from homesafe import api, archives, restore
 from homesafe.engines.base import Progress
 from homesafe.engines.borg import BorgEngine
-from homesafe.repositories import Repository, default_repository
+from homesafe.repositories import Repository
 from tests.conftest import ManifestWriter, requires_program
-from tests.integration.test_repo_locks import borg_lock_holder
-from tests.integration.test_repo_roundtrip import connect_ssh, ssh_url, sshd
-from tests.integration.test_restore_reads import lock_holders, logging_borg, record_of
+from tests.integration.test_remote_locks import borg_over_ssh, sshd
+from tests.integration.test_restore_reads import (
+    lock_holders,
+    logging_borg,
+    record_of,
+    restore_behind_a_writer,
+)
 from tests.integration.test_restore_staged import borg_wrapper, data_extraction
 from tests.integration.test_roundtrip import snapshot_tree
 from tests.support.apps import describe, to_toml
-from tests.support.sshd import Sshd
 
 pytestmark = requires_program("borg")
 
-__all__ = ["lock_holders", "sshd"]  # fixtures of this module's tests
+__all__ = ["borg_over_ssh", "lock_holders", "sshd"]  # fixtures of this module's tests
 
 CALLS = 3
 
@@ -154,8 +156,8 @@ def test_one_failing_extraction_leaves_the_app_as_it_was(
         data_extraction(
             'case " $* " in *"/media "*) echo "injected: cannot extract media" >&2; exit 2;; esac'
         ),
+        monkeypatch,
     )
-    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
     result = api.restore_apps(backup.archive)
 
@@ -176,15 +178,9 @@ def test_extractions_side_by_side_wait_for_a_writer(
     before = snapshot_tree(base)
     backup = api.backup_apps()
     change_wide_app(base)
-    repository = dataclasses.replace(default_repository(), lock_wait=30)
-    hold_seconds = 3 * sources.SIDE_BY_SIDE_LOCK_WAIT
-    borg_lock_holder(repository, homesafe_env / "home", hold_seconds, lock_holders)
 
-    started = time.monotonic()
-    result = api.restore_apps(backup.archive, repository=repository)
+    restore_behind_a_writer(homesafe_env, backup.archive, lock_holders)
 
-    assert result.status == "ok", describe(result)
-    assert time.monotonic() - started >= hold_seconds - 0.5
     assert snapshot_tree(base) == before
     assert links(base) == {
         frozenset({"media/film.bin", "data/film-link.bin"}),
@@ -196,22 +192,10 @@ def test_extractions_side_by_side_over_ssh(
     homesafe_env: Path,
     write_manifest: ManifestWriter,
     monkeypatch: pytest.MonkeyPatch,
-    sshd: Sshd,
-    tmp_path: Path,
+    borg_over_ssh: Repository,
 ) -> None:
     """Each call is a connection of its own and a `borg serve` of its own."""
-    connect_ssh(sshd)
-    repository = Repository(
-        name="remote",
-        location=ssh_url(sshd, "ssh", str(tmp_path / "remote")),
-        engine="borg",
-        encryption=repositories.DEFAULT_ENCRYPTIONS["borg"],
-        passphrase_file=repositories.passphrase_file_for("remote"),
-        compression=repositories.DEFAULT_COMPRESSIONS["borg"],
-        lock_wait=10,
-    )
-    assert api.initialize_repository(repository) is True
-    repositories.register(repository)
+    repository = borg_over_ssh
     base = write_wide_app(write_manifest, homesafe_env / "srv")
     before = snapshot_tree(base)
     linked = links(base)
@@ -238,8 +222,9 @@ def test_an_interrupted_restore_ends_every_extraction_at_once(
     change_wide_app(base)
     changed = snapshot_tree(base)
     started_pids = homesafe_env / "extract-pids"
-    borg_wrapper(homesafe_env / "bin", data_extraction(f"echo $$ >> {started_pids}; sleep 60"))
-    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    borg_wrapper(
+        homesafe_env / "bin", data_extraction(f"echo $$ >> {started_pids}; sleep 60"), monkeypatch
+    )
 
     def interrupt_once_all_started() -> None:
         deadline = time.monotonic() + 30

@@ -89,16 +89,27 @@ def test_restore_waits_the_whole_lock_wait_for_a_writer(
     before = snapshot_tree(base)
     backup = api.backup_apps()
     (base / "data/a.txt").write_text("changed after the backup\n")
+
+    restore_behind_a_writer(homesafe_env, backup.archive, lock_holders)
+
+    assert snapshot_tree(base) == before
+
+
+def restore_behind_a_writer(
+    homesafe_env: Path, archive: str, lock_holders: list[subprocess.Popen[bytes]]
+) -> None:
+    """Restore ``archive`` (default repository, 30 s lock wait) while a writer holds
+    the lock three times as long as reads made side by side wait for it: the restore
+    must go through, and not before the writer let go."""
     repository = dataclasses.replace(default_repository(), lock_wait=30)
     hold_seconds = 3 * sources.SIDE_BY_SIDE_LOCK_WAIT
     borg_lock_holder(repository, homesafe_env / "home", hold_seconds, lock_holders)
 
     started = time.monotonic()
-    result = api.restore_apps(backup.archive, repository=repository)
+    result = api.restore_apps(archive, repository=repository)
 
     assert result.status == "ok", describe(result)
     assert time.monotonic() - started >= hold_seconds - 0.5
-    assert snapshot_tree(base) == before
 
 
 def test_listing_holds_what_borg_lists_as_json(
@@ -214,8 +225,8 @@ def logging_borg(homesafe_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         '"$REAL_BORG" "$@"; status=$?\n'
         f'echo "end $kind" >> {log}\n'
         "exit $status",
+        monkeypatch,
     )
-    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
     return log
 
 

@@ -73,12 +73,14 @@ def change_everything(base: Path) -> None:
     (base / "app.conf").write_text("changed\n")
 
 
-def borg_wrapper(directory: Path, script: str) -> Path:
-    """A `borg` first on PATH that runs ``script`` (sh) with REAL_BORG set."""
+def borg_wrapper(directory: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `borg` in ``directory``, put first on PATH, that runs ``script`` (sh) with
+    REAL_BORG set."""
     directory.mkdir(parents=True, exist_ok=True)
     wrapper = directory / "borg"
     wrapper.write_text(f'#!/bin/sh\nREAL_BORG="{REAL_BORG}"\n{script}\n')
     wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{directory}{os.pathsep}{os.environ['PATH']}")
     return wrapper
 
 
@@ -162,8 +164,8 @@ def test_verification_failure_leaves_the_app_untouched(
         data_extraction(
             '"$REAL_BORG" "$@" || exit $?\nfind . -name a.txt -exec truncate -s 1 {} \\;\nexit 0'
         ),
+        monkeypatch,
     )
-    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
     result = api.restore_apps(backup.archive)
 
@@ -189,8 +191,8 @@ def test_a_staged_directory_turned_into_a_link_fails_verification(
             'sub=$(find . -type d -name sub)\nmv "$sub" "$sub.moved"\nln -s sub.moved "$sub"\n'
             "exit 0"
         ),
+        monkeypatch,
     )
-    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
     result = api.restore_apps(backup.archive)
 
@@ -405,8 +407,8 @@ def test_disk_full_during_extraction_leaves_the_app_untouched(
     borg_wrapper(
         homesafe_env / "bin",
         data_extraction(f'dd if=/dev/zero of={filler} bs=1M 2>/dev/null\n"$REAL_BORG" "$@"'),
+        monkeypatch,
     )
-    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
     result = api.restore_apps(backup.archive)
 
