@@ -213,11 +213,10 @@ def large_app_roots(large: Path) -> list[Path]:
     return [large / "files", large / "media", large / "journals"]
 
 
-def generate_large_app(app: AppData, size_mb: int, small_files: int) -> None:
-    """The data set of bench/overhead.py, in the three directories of the large app
-    (declared, or in the one directory declared)."""
-    (declared,) = app.directories if len(app.directories) == 1 else [app.directories[0].parent]
-    files_root, media_root, journals_root = large_app_roots(declared)
+def generate_large_app(large: Path, size_mb: int, small_files: int) -> None:
+    """The data set of bench/overhead.py, in the three directories below ``large``
+    (whether the app declares them or ``large``)."""
+    files_root, media_root, journals_root = large_app_roots(large)
     # Made even when no small file fits: the manifest declares it.
     files_root.mkdir(parents=True)
     write_data_set(Random(SEED), files_root, media_root, journals_root, size_mb, small_files)
@@ -296,7 +295,7 @@ def generate_data_set(
     if workspace.data.exists():
         shutil.rmtree(workspace.data)
     workspace.data.mkdir(parents=True)
-    generate_large_app(apps[LARGE_APP], size_mb, small_files)
+    generate_large_app(workspace.data / LARGE_APP, size_mb, small_files)
     generate_small_app(apps[SMALL_APP], small_mb)
     for app in apps.values():
         app.files, app.bytes, app.digest = app_digest(app)
