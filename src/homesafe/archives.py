@@ -377,18 +377,26 @@ RECORDS_KEPT = 20
 
 # A directory of at least this many bytes has the sizes of what it holds (its
 # children) recorded, when they are at most SPLIT_CHILDREN_MAX: a restore may then
-# extract them side by side (see homesafe.restore.plan_extractions).
+# extract them side by side (see homesafe.restore.plan_extractions). Each call names the
+# children it takes, and the last one those it leaves, to the engine (borg: as one
+# regular expression, one argument, which Linux caps at 128 KiB): hence the caps on
+# their number and on their names' length.
 SPLIT_DIRECTORY_MIN_BYTES = 512 * 1024 * 1024
-SPLIT_CHILDREN_MAX = 100
+SPLIT_CHILDREN_MAX = 1000
+SPLIT_NAMES_MAX_BYTES = 32 * 1024
 
 
 def splittable_children(children: dict[str, int]) -> dict[str, int] | None:
     """``children`` (the bytes below each child of a directory, by name) if a restore
-    may share them out: together at least SPLIT_DIRECTORY_MIN_BYTES, and at most
-    SPLIT_CHILDREN_MAX of them; None otherwise."""
+    may share them out: together at least SPLIT_DIRECTORY_MIN_BYTES, at most
+    SPLIT_CHILDREN_MAX of them, and their names (UTF-8, one separator each) at most
+    SPLIT_NAMES_MAX_BYTES; None otherwise."""
     if sum(children.values()) < SPLIT_DIRECTORY_MIN_BYTES:
         return None
-    return children if 0 < len(children) <= SPLIT_CHILDREN_MAX else None
+    if not 0 < len(children) <= SPLIT_CHILDREN_MAX:
+        return None
+    names_bytes = sum(len(name.encode("utf-8", "surrogateescape")) + 1 for name in children)
+    return children if names_bytes <= SPLIT_NAMES_MAX_BYTES else None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from homesafe import api, archives, restore
+from homesafe.engines import borg
 from homesafe.engines.base import Progress
 from homesafe.engines.borg import BorgEngine
 from homesafe.repositories import Repository
@@ -293,18 +294,23 @@ def deep_state(base: Path) -> tuple[object, ...]:
     )
 
 
+@pytest.mark.parametrize("named", ["one-by-one", "by-patterns"])
 @pytest.mark.parametrize("record", ["whole", "missing-a-child", "none"])
 def test_a_large_directory_is_extracted_child_by_child_then_itself_last(
     homesafe_env: Path,
     write_manifest: ManifestWriter,
     monkeypatch: pytest.MonkeyPatch,
     record: str,
+    named: str,
 ) -> None:
     """Its children are dealt out to the calls side by side; the directory itself,
     without them, is extracted by one more call once they ended, so that its times and
     mode are borg's. A child the record does not know (one made during the backup)
-    is extracted by that last call."""
+    is extracted by that last call. The children are named to borg one by one, or (as
+    beyond borg.PATH_PATTERNS_MAX of them) by regular expressions."""
     monkeypatch.setattr(archives, "SPLIT_DIRECTORY_MIN_BYTES", 1)
+    if named == "by-patterns":
+        monkeypatch.setattr(borg, "PATH_PATTERNS_MAX", 0)
     base = write_deep_app(write_manifest, homesafe_env / "srv")
     expected = deep_state(base)
     assert len(links(base)) == 1

@@ -220,7 +220,9 @@ def logging_borg(homesafe_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     log = homesafe_env / "borg-calls.log"
     borg_wrapper(
         homesafe_env / "bin",
-        'kind="$1"; case " $* " in *" .homesafe "*) kind="$kind-metadata";; esac\n'
+        # homesafe's files named as a path, or by a pattern (borg.prefix_regexes).
+        'kind="$1"; case " $* " in *" .homesafe "*|*"re:^\\\\.homesafe("*)'
+        ' kind="$kind-metadata";; esac\n'
         f'echo "begin $kind" >> {log}\n'
         '"$REAL_BORG" "$@"; status=$?\n'
         f'echo "end $kind" >> {log}\n'

@@ -53,15 +53,22 @@ def _free(port: int) -> bool:
     return True
 
 
-def _low_port() -> int:
-    """A free port below 55536, so that port + 10000 is a valid port."""
+def _low_ports(count: int) -> list[int]:
+    """``count`` free ports below 55536 whose port + 10000 (weed's gRPC port for each)
+    is free too, and none of them any other's gRPC port: chosen one by one, a master
+    port 10000 below the S3 port once made weed fail to bind it."""
+    taken: set[int] = set()
+    ports: list[int] = []
     for _ in range(500):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port: int = probe.getsockname()[1]
-        if port < 55536 and _free(port + 10000):
-            return port
-    raise AssertionError("no free port pair for weed")
+        if port < 55536 and not {port, port + 10000} & taken and _free(port + 10000):
+            ports.append(port)
+            taken |= {port, port + 10000}
+            if len(ports) == count:
+                return ports
+    raise AssertionError("no free port pairs for weed")
 
 
 class SeaweedS3:
@@ -72,10 +79,7 @@ class SeaweedS3:
         self.directory = directory
         self.max_volumes = max(1, -(-capacity_mb // VOLUME_MB))
         directory.mkdir(parents=True, exist_ok=True)
-        self.master_port = _low_port()
-        self.volume_port = _low_port()
-        self.filer_port = _low_port()
-        self.s3_port = _low_port()
+        self.master_port, self.volume_port, self.filer_port, self.s3_port = _low_ports(4)
         self.log = directory / "weed.log"
         self.process: subprocess.Popen[bytes] | None = None
 

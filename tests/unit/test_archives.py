@@ -307,3 +307,19 @@ def test_the_size_walk_measures_a_large_directory_child_by_child(
     assert (large.bytes, large.entries) == (small.bytes, small.entries)
     assert crowded.children is None
     assert _tree_size(str(media / "poster.png")) == archives.PathSize(100, 1)
+
+
+def test_children_are_shared_out_only_within_the_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At least SPLIT_DIRECTORY_MIN_BYTES in all, at most SPLIT_CHILDREN_MAX children,
+    their names (and a separator each) at most SPLIT_NAMES_MAX_BYTES."""
+    monkeypatch.setattr(archives, "SPLIT_DIRECTORY_MIN_BYTES", 100)
+    many = {f"d{number:03d}": 1 for number in range(archives.SPLIT_CHILDREN_MAX)}
+    assert archives.splittable_children(many) == many
+    assert archives.splittable_children({**many, "one-more": 1}) is None
+    assert archives.splittable_children({"a": 99}) is None
+    assert archives.splittable_children({}) is None
+    # 255 bytes each, and a separator: 128 of them fill SPLIT_NAMES_MAX_BYTES exactly.
+    long_names = {"é" * 126 + f"{number:03d}": 100 for number in range(129)}
+    assert archives.SPLIT_NAMES_MAX_BYTES == 128 * 256
+    assert archives.splittable_children(long_names) is None
+    assert archives.splittable_children(dict(list(long_names.items())[:128])) is not None

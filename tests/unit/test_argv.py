@@ -154,6 +154,65 @@ def test_extract_argv(repository: Repository) -> None:
     ]
 
 
+def test_extract_argv_turns_many_paths_and_excludes_into_one_pattern_per_parent(
+    repository: Repository,
+) -> None:
+    """Beyond PATH_PATTERNS_MAX, borg gets one regular expression per parent directory
+    (its pattern matching is a Python loop over the patterns), and no path: a last
+    pattern excludes what none of them includes."""
+    paths = [f"srv/data/d{number:03d}" for number in range(40)] + ["etc/app"]
+    excludes = [f"srv/data/e{number:03d}" for number in range(40)]
+
+    argv = borg.extract_argv(repository, ARCHIVE, paths, progress=False, excludes=excludes)
+
+    assert argv[:3] == ["borg", "extract", "--log-json"]
+    options = argv[3 : argv.index("--")]
+    assert options[0] == "--exclude"
+    assert options[1].startswith("re:^srv/data/e")
+    assert [pattern[:23] for pattern in options[2:4]] == [
+        "--pattern=+re:^etc/app(",
+        "--pattern=+re:^srv/data",
+    ]
+    assert options[4:] == ["--pattern=-re:^"]
+    assert argv[argv.index("--") + 1 :] == [f"{repository.location}::{ARCHIVE}"]
+
+
+def test_extract_argv_names_a_few_paths_and_excludes_one_by_one(repository: Repository) -> None:
+    argv = borg.extract_argv(repository, ARCHIVE, ["a/b", "c"], progress=False, excludes=["a/b/c"])
+    archive = f"{repository.location}::{ARCHIVE}"
+    assert argv[3:] == ["--exclude", "pp:a/b/c", "--", archive, "a/b", "c"]
+
+
+def test_prefix_regexes_match_exactly_the_paths_and_what_lies_below_them() -> None:
+    """Against every path, every proper beginning and every longer name of a path:
+    names sharing beginnings, one a beginning of another, and characters that mean
+    something in a regular expression."""
+    import random
+    import re
+
+    generator = random.Random(20261127)
+    alphabet = "ab.*+?()[]{}|^$\\ -é\n"
+    names = {"".join(generator.choices(alphabet, k=generator.randint(1, 6))) for _ in range(300)}
+    names |= {"a", "ab", "abc", "data", "data.old"}
+    paths = [f"srv/app/{name}" for name in sorted(names)] + ["var/lib/x", "top"]
+    patterns = borg.prefix_regexes(paths)
+    assert len(patterns) == 3
+    assert all(pattern.startswith("re:") for pattern in patterns)
+    compiled = [re.compile(pattern[3:]) for pattern in patterns]
+
+    def matched(path: str) -> bool:
+        return any(expression.search(path) for expression in compiled)
+
+    for path in paths:
+        assert matched(path), path
+        assert matched(path + "/below/it"), path
+        assert not matched(path + "z"), path
+        for end in range(1, len(path)):
+            assert matched(path[:end]) == (path[:end] in paths), path[:end]
+    assert not matched("srv/app")
+    assert not matched("other/srv/app/a")
+
+
 def test_list_contents_argv_asks_for_nul_separated_fields(repository: Repository) -> None:
     argv = borg.list_contents_argv(repository, ARCHIVE, [])
     assert argv[argv.index("--format") + 1] == (
