@@ -14,7 +14,7 @@ BORG14 ?= /opt/homesafe-borg-$(BORG14_VERSION)
 BORG14_BUILD_PACKAGES := gcc pkg-config libssl-dev liblz4-dev libzstd-dev libxxhash-dev libacl1-dev
 # The engine-facing tests, run once more against borg 1.4.
 BORG14_TESTS := tests/integration/test_roundtrip.py tests/integration/test_archive_operations.py \
-    tests/integration/test_restore_parallel.py tests/e2e
+    tests/integration/test_restore_parallel.py tests/integration/test_prestart.py tests/e2e
 
 .PHONY: demo test lint bench borg14 system-packages-demo system-packages-test clean
 

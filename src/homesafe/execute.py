@@ -1,4 +1,7 @@
-"""The only place where homesafe starts subprocesses.
+"""The only place where homesafe starts programs.
+
+(:mod:`homesafe.prestart` starts borg's interpreter before anything else is imported,
+but it runs no program until :func:`run` hands it one: a call it can stand for.)
 
 Contract:
 
@@ -30,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from homesafe import prestart
 from homesafe.errors import CommandError, CommandNotFoundError, CommandTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -190,29 +194,20 @@ def run(
     running = _running.get()
     tracked: subprocess.Popen[bytes] | None = None
     try:
-        try:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if input_data is not None else subprocess.DEVNULL,
-                stdout=stdout_file if stdout_file is not None else subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=working_directory,
-                env=child_environment,
-                pass_fds=tuple(pass_fds),
-                # A group of its own, so that a timeout kills the program's children too.
-                start_new_session=True,
-            )
-        except FileNotFoundError as error:
-            raise CommandNotFoundError(
-                f"Cannot run {argv[0]}: it is not installed or not on PATH.",
-                argv=masked_argv,
-                hint=f"Install the program that provides {argv[0]!r}.",
-            ) from error
-        except PermissionError as error:
-            raise CommandError(
-                f"Cannot run {argv[0]}: permission denied.", argv=masked_argv
-            ) from error
-
+        # A borg started early for this call (homesafe.prestart), when it can stand for it.
+        adopted = prestart.adopt(
+            argv,
+            child_environment,
+            None if working_directory is None else os.fspath(working_directory),
+            pass_fds,
+            plain_stdio=input_data is None and stdout_file is None,
+        )
+        if adopted is not None:
+            logger.debug("run by the borg started early (pid %d)", adopted.pid)
+        process = adopted or _start(
+            argv, masked_argv, input_data is not None, stdout_file, working_directory,
+            child_environment, pass_fds,
+        )  # fmt: skip
         if running is not None:
             running.add(process)
             tracked = process
@@ -322,6 +317,38 @@ def run(
             message_ids=completed.message_ids(),
         )
     return completed
+
+
+def _start(
+    argv: list[str],
+    masked_argv: list[str],
+    takes_input: bool,
+    stdout_file: Any,
+    working_directory: str | os.PathLike[str] | None,
+    environment: dict[str, str],
+    pass_fds: Sequence[int],
+) -> subprocess.Popen[bytes]:
+    """Start ``argv``; a program missing or not executable raises homesafe's error."""
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if takes_input else subprocess.DEVNULL,
+            stdout=stdout_file if stdout_file is not None else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=working_directory,
+            env=environment,
+            pass_fds=tuple(pass_fds),
+            # A group of its own, so that a timeout kills the program's children too.
+            start_new_session=True,
+        )
+    except FileNotFoundError as error:
+        raise CommandNotFoundError(
+            f"Cannot run {argv[0]}: it is not installed or not on PATH.",
+            argv=masked_argv,
+            hint=f"Install the program that provides {argv[0]!r}.",
+        ) from error
+    except PermissionError as error:
+        raise CommandError(f"Cannot run {argv[0]}: permission denied.", argv=masked_argv) from error
 
 
 def succeeds(argv: Sequence[str], *, timeout: float | None = 60, **options: Any) -> bool:

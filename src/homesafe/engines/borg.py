@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from homesafe import execute, locations, processes
+from homesafe import execute, locations, prestart, processes
 from homesafe.engines.base import (
     ArchiveEntry,
     ArchiveStats,
@@ -397,13 +397,7 @@ def passphrase_pipe(
     repository: Repository,
 ) -> Iterator[tuple[dict[str, str], list[int], list[str]]]:
     """Environment, fds to pass and secrets to mask for one borg call."""
-    environment = {
-        "BORG_BASE_DIR": str(locations.home() / "borg"),
-        # Never let borg wait for an answer on a terminal nobody watches.
-        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
-        "BORG_DISPLAY_PASSPHRASE": "no",
-        "BORG_EXIT_CODES": "legacy",
-    }
+    environment = prestart.borg_environment(str(locations.home()))
     if repository.parsed_location.uses_ssh:
         environment["BORG_RSH"] = shlex.join(["ssh", *ssh_options()])
     passphrase = repository.passphrase()

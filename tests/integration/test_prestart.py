@@ -1,0 +1,205 @@
+"""borg started while homesafe starts (homesafe.prestart), with real borg: the first
+borg call it can stand for exactly is run by it, with that call's argv, environment,
+working directory and passphrase pipe; any other call starts borg as always; and it
+never outlives homesafe, whether homesafe exits, dies or never needs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from homesafe import api, execute, locations, prestart
+from tests.conftest import ManifestWriter, requires_program
+from tests.integration.test_restore_staged import borg_wrapper, change_everything, write_app
+from tests.integration.test_roundtrip import snapshot_tree
+from tests.support.apps import describe
+
+pytestmark = requires_program("borg")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_waiting(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("HOMESAFE_PRESTART", raising=False)
+    yield
+    prestart.discard()
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for init counts)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def early_runs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == execute.__name__ and "started early" in record.getMessage()
+    ]
+
+
+def test_the_first_borg_call_is_run_by_the_borg_started_early(
+    homesafe_env: Path, write_manifest: ManifestWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backup's `borg create` (the repository exists already) is the first call:
+    it runs in the waiting interpreter, and the archive it writes (encrypted: the
+    passphrase pipe was handed over) restores the app exactly."""
+    base = write_app(write_manifest, homesafe_env / "srv", "notes")
+    assert api.backup_apps().status == "ok"  # creates the repository
+    expected = snapshot_tree(base)
+    caplog.set_level(logging.DEBUG, logger=execute.__name__)
+
+    prestart.begin(["-v", "backup", "notes"])
+    waiting = prestart.waiting_pid()
+    assert waiting is not None
+    backup = api.backup_apps(["notes"])
+
+    assert backup.status == "ok", describe(backup)
+    assert early_runs(caplog) == [f"run by the borg started early (pid {waiting})"]
+    assert prestart.waiting_pid() is None
+    assert gone(waiting)
+    change_everything(base)
+    restored = api.restore_apps(backup.archive)
+    assert restored.status == "ok", describe(restored)
+    assert snapshot_tree(base) == expected
+
+
+def test_a_call_it_cannot_stand_for_starts_borg_as_always(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An environment that differs in a name read before borg runs (here the
+    interpreter's PYTHONWARNINGS) is not the one the interpreter started with: borg is
+    started anew, and the waiting one is left for a later call, then ended."""
+    write_app(write_manifest, homesafe_env / "srv", "notes")
+    assert api.backup_apps().status == "ok"
+    caplog.set_level(logging.DEBUG, logger=execute.__name__)
+    prestart.begin(["backup"])
+    waiting = prestart.waiting_pid()
+    assert waiting is not None
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+
+    assert api.backup_apps().status == "ok"
+
+    assert early_runs(caplog) == []
+    assert prestart.waiting_pid() == waiting
+    prestart.discard()
+    assert prestart.waiting_pid() is None
+    assert gone(waiting)
+
+
+def test_a_pipe_still_open_for_writing_is_not_handed_over(homesafe_env: Path) -> None:
+    """Its contents could not be read to their end: the call starts borg itself."""
+    prestart.begin(["restore", "archive"])
+    assert prestart.waiting_pid() is not None
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"not all of it")
+        environment = {**os.environ, **prestart.borg_environment(str(locations.home()))}
+        adopted = prestart.adopt(
+            ["borg", "--version"], environment, None, [read_end], plain_stdio=True
+        )
+        assert adopted is None
+        assert prestart.waiting_pid() is not None
+        assert os.read(read_end, 100) == b"not all of it"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_closed_pipe_handed_over_is_left_to_the_caller_as_it_was(homesafe_env: Path) -> None:
+    """Its contents are read to hand them over (that they reach borg, the encrypted
+    backup above shows); the caller's fd is then a pipe holding the same, as before."""
+    prestart.begin(["backup"])
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a passphrase")
+    os.close(write_end)
+    try:
+        environment = {**os.environ, **prestart.borg_environment(str(locations.home()))}
+        environment["BORG_PASSPHRASE_FD"] = str(read_end)
+        adopted = prestart.adopt(
+            ["borg", "--version"], environment, str(homesafe_env), [read_end], plain_stdio=True
+        )
+        assert adopted is not None
+        output, _ = adopted.communicate(timeout=60)
+        assert adopted.returncode == 0
+        assert output.decode().startswith("borg ")
+        assert os.read(read_end, 100) == b"a passphrase"
+        assert os.read(read_end, 100) == b""
+    finally:
+        os.close(read_end)
+
+
+def test_a_borg_wrapper_is_never_started_early(
+    homesafe_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    borg_wrapper(homesafe_env / "bin", 'exec "$REAL_BORG" "$@"', monkeypatch)
+    prestart.begin(["backup"])
+    assert prestart.waiting_pid() is None
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["apps", "list"], ["backup", "--dry-run"], ["restore", "--help"], ["-h"], []],
+)
+def test_other_commands_start_nothing(homesafe_env: Path, arguments: list[str]) -> None:
+    prestart.begin(arguments)
+    assert prestart.waiting_pid() is None
+
+
+def test_prestart_can_be_turned_off(homesafe_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOMESAFE_PRESTART", "0")
+    prestart.begin(["backup"])
+    assert prestart.waiting_pid() is None
+
+
+WAIT_THEN = """
+import os, sys, time
+from homesafe import prestart
+prestart.begin(["backup"])
+print(prestart.waiting_pid(), flush=True)
+if sys.argv[1] == "die":
+    os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "die"])
+def test_it_never_outlives_homesafe(homesafe_env: Path, how: str) -> None:
+    """Killed at homesafe's exit; when homesafe is killed, its order pipe closes and it
+    exits by itself."""
+    completed = subprocess.run(
+        [sys.executable, "-c", WAIT_THEN, how], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == (-signal.SIGKILL if how == "die" else 0), completed.stderr
+    waiting = int(completed.stdout)
+    deadline = time.monotonic() + 30
+    while not gone(waiting) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(waiting)
+
+
+def test_the_interpreter_is_read_from_the_script(tmp_path: Path) -> None:
+    script = tmp_path / "borg"
+    for first_line, expected in [
+        ("#!/usr/bin/python3\n", ["/usr/bin/python3"]),
+        ("#!/opt/borg/bin/python3.11 -s\n", ["/opt/borg/bin/python3.11", "-s"]),
+        ("#!/usr/bin/env python3\n", None),
+        ("#!/bin/sh\n", None),
+        ("python3\n", None),
+        ("\x7fELF", None),
+    ]:
+        script.write_text(first_line + "rest\n")
+        assert prestart._interpreter(str(script)) == expected, first_line
