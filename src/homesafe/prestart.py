@@ -24,6 +24,8 @@ A call it cannot stand for exactly starts borg as always:
 * borg must be a Python script whose first line names its interpreter by absolute path
   (as pip and Debian install it); a wrapper script or a binary is never started early.
 
+Only a command that writes to or reads from a borg repository (the embedded default,
+or one the registry gives as borg's) starts it: beside restic it would only take a core.
 It is taken once. At homesafe's exit it is killed, and if homesafe dies first, its
 order pipe closes and it exits without doing anything. ``HOMESAFE_PRESTART=0`` turns
 it off.
@@ -133,7 +135,44 @@ def begin(arguments: Sequence[str]) -> None:
     command = next((argument for argument in arguments if not argument.startswith("-")), None)
     if command not in COMMANDS or {"-h", "--help", "--dry-run"} & set(arguments):
         return
+    if not _writes_to_borg(_repository_names(arguments)):
+        return  # borg's start-up would only take a core from the engine
     _waiting = _start()
+
+
+def _repository_names(arguments: Sequence[str]) -> list[str]:
+    """The values of the command line's ``--repo`` options."""
+    names = []
+    for position, argument in enumerate(arguments):
+        if argument == "--repo" and position + 1 < len(arguments):
+            names.append(arguments[position + 1])
+        elif argument.startswith("--repo="):
+            names.append(argument.removeprefix("--repo="))
+    return names
+
+
+def _writes_to_borg(names: Sequence[str]) -> bool:
+    """Whether one of the repositories ``names`` (none: the embedded default, a borg
+    one) is a borg repository, as the registry says; False if it cannot be read."""
+    import sqlite3
+
+    from homesafe import locations
+
+    registered = [name for name in names if name != "default"]
+    if len(registered) < len(names) or not names:
+        return True
+    database = locations.state_database()
+    try:
+        # Read-only, and never made: a missing registry names no repository.
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
+            placeholders = ",".join("?" * len(registered))
+            rows = db.execute(
+                f"SELECT engine FROM repositories WHERE name IN ({placeholders})",  # noqa: S608
+                registered,
+            ).fetchall()
+    except (sqlite3.Error, ValueError):
+        return False
+    return any(engine == PROGRAM for (engine,) in rows)
 
 
 def _start() -> Waiting | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from homesafe import api, execute, locations, prestart
+from homesafe import api, execute, locations, prestart, repositories
 from tests.conftest import ManifestWriter, requires_program
 from tests.integration.test_restore_staged import borg_wrapper, change_everything, write_app
 from tests.integration.test_roundtrip import snapshot_tree
@@ -158,6 +158,29 @@ def test_a_borg_wrapper_is_never_started_early(
 def test_other_commands_start_nothing(homesafe_env: Path, arguments: list[str]) -> None:
     prestart.begin(arguments)
     assert prestart.waiting_pid() is None
+
+
+def test_only_a_command_writing_to_a_borg_repository_starts_borg(homesafe_env: Path) -> None:
+    """The embedded default repository is borg's; a registered one is looked up (a
+    borg started for a restic repository would only take a core from restic)."""
+    for name, engine in (("far", "borg"), ("object", "restic")):
+        repositories.register(
+            repositories.Repository(name, str(homesafe_env / name), engine=engine)
+        )
+    expected = {
+        ("backup",): True,
+        ("backup", "--repo", "default"): True,
+        ("backup", "--repo=far"): True,
+        ("restore", "archive", "--repo", "object"): False,
+        ("backup", "--repo", "object", "--repo", "far"): True,
+        ("backup", "--repo", "unknown"): False,
+    }
+    started = {}
+    for arguments in expected:
+        prestart.begin(arguments)
+        started[arguments] = prestart.waiting_pid() is not None
+        prestart.discard()
+    assert started == expected
 
 
 def test_prestart_can_be_turned_off(homesafe_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
