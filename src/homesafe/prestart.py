@@ -70,7 +70,10 @@ LAUNCHER = r"""
 import os, sys
 script, order_fd, ready_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 del sys.argv[1:]
-sys.path[0] = os.path.dirname(script)  # as when the script itself runs
+if sys.path and sys.path[0] == "":
+    # Where running the script puts its own directory (symbolic links resolved); an
+    # interpreter told not to (-I, -P) put nothing there.
+    sys.path[0] = os.path.dirname(os.path.realpath(script))
 try:
     import borg.archiver
 except BaseException:

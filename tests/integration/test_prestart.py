@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,37 @@ def test_the_first_borg_call_is_run_by_the_borg_started_early(
     restored = api.restore_apps(backup.archive)
     assert restored.status == "ok", describe(restored)
     assert snapshot_tree(base) == expected
+
+
+def test_a_borg_script_run_by_an_isolated_interpreter_is_started_early_too(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The script's first line may give its interpreter an option (here -I), which the
+    launcher runs under too, and PATH may reach the script through a link."""
+    real = Path(shutil.which("borg") or "borg")
+    first_line, _, body = real.read_text().partition("\n")
+    if not first_line.startswith("#!/") or "python" not in first_line:
+        pytest.skip(f"{real} is not a Python script")
+    scripts = homesafe_env / "scripts"
+    scripts.mkdir()
+    (scripts / "borg").write_text(f"{first_line.split()[0]} -I\n{body}")
+    (scripts / "borg").chmod(0o755)
+    (homesafe_env / "bin").mkdir()
+    (homesafe_env / "bin/borg").symlink_to(scripts / "borg")
+    monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    write_app(write_manifest, homesafe_env / "srv", "notes")
+    assert api.backup_apps().status == "ok"
+    caplog.set_level(logging.DEBUG, logger=execute.__name__)
+
+    prestart.begin(["backup"])
+    waiting = prestart.waiting_pid()
+    assert waiting is not None
+    assert api.backup_apps().status == "ok"
+
+    assert early_runs(caplog) == [f"run by the borg started early (pid {waiting})"]
 
 
 def test_a_call_it_cannot_stand_for_starts_borg_as_always(
