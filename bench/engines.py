@@ -15,8 +15,11 @@ registry, everything around the engine, the engine, exit): ``backup bench --repo
 and ``restore ARCHIVE --repo NAME --target-root DIR``. The raw side is the engine command
 homesafe runs, with the same options, into a repository of its own (``borg create
 --compression zstd,3``; ``restic backup --compression auto``; ``borg extract``;
-``restic restore``; the app declares one directory, so homesafe's borg restore is one
-``borg extract`` too, not several side by side). The two sides alternate who goes
+``restic restore``). The app declares one directory: from 512 MiB on, homesafe's borg
+restore shares its entries out between ``borg extract`` calls side by side, where the
+raw side runs one. homesafe's first borg call runs in a borg interpreter started when
+homesafe starts (``homesafe.prestart``): the same borg script, argv, environment and
+passphrase pipe, started earlier. The two sides alternate who goes
 first, and each figure is the median of ``--repeats`` runs of the whole sequence (new
 repositories each time). Caches are warm; dirty pages are written out (``sync``,
 untimed) before each timed command. The ratio target is homesafe / raw <= 1.05.
