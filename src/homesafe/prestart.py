@@ -24,6 +24,13 @@ A call it cannot stand for exactly starts borg as always:
 * borg must be a Python script whose first line names its interpreter by absolute path
   (as pip and Debian install it); a wrapper script or a binary is never started early.
 
+A call run through a capture's view (``unshare --mount --propagation private --
+python -m homesafe.consistency.view --bind COPY ORIGINAL ... -- borg ...``) is stood for
+too, when ``unshare`` is on the call's PATH: the launcher does what the view does
+before it runs borg, with homesafe's own view module (loaded by path, so that borg's
+``sys.path`` stays as it was): it enters a mount namespace of its own, refusing to go
+on if it is still in the host's, makes every mount private and binds the copies.
+
 Only a command that writes to or reads from a borg repository (the embedded default,
 or one the registry gives as borg's) starts it: beside restic it would only take a core.
 It is taken once. At homesafe's exit it is killed, and if homesafe dies first, its
@@ -38,6 +45,7 @@ import contextlib
 import json
 import os
 import stat
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,6 +103,21 @@ for number, content in order["pipes"]:
         os.close(read_end)
 if order["cwd"] is not None:
     os.chdir(order["cwd"])
+if order["view"] is not None:
+    # What `unshare --mount --propagation private -- python -m homesafe.consistency.view`
+    # does before it runs borg, done by homesafe's own module, loaded by path.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("homesafe_view", order["view"]["module"])
+    view = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(view)
+    try:
+        view.enter_mount_namespace()
+    except OSError as error:
+        print("unshare: unshare failed: " + str(error.strerror), file=sys.stderr)
+        sys.exit(1)
+    failed = view.show([tuple(pair) for pair in order["view"]["binds"]])
+    if failed is not None:
+        sys.exit(failed)
 os.environ.clear()
 os.environ.update(order["env"])
 sys.argv = [script] + order["argv"][1:]
@@ -253,7 +276,10 @@ def adopt(
     global _waiting
     with _lock:
         waiting = _waiting
-        if waiting is None or not plain_stdio or not _same_program(waiting, argv, environment):
+        if waiting is None or not plain_stdio:
+            return None
+        binds, command = _view_and_command(argv, environment)
+        if command is None or not _same_program(waiting, command, environment):
             return None
         if any(
             environment.get(name) != waiting.environment.get(name)
@@ -268,10 +294,11 @@ def adopt(
             _end(waiting)
             return None
         order = {
-            "argv": list(argv),
+            "argv": command,
             "env": dict(environment),
             "cwd": working_directory,
             "pipes": [(fd, _take_contents(fd).hex()) for fd in pass_fds],
+            "view": None if binds is None else {"module": _view_module(), "binds": binds},
         }
         message = memoryview(json.dumps(order).encode())
         try:
@@ -282,6 +309,36 @@ def adopt(
             return None
         os.close(waiting.order_fd)
         return waiting.process
+
+
+def _view_and_command(
+    argv: Sequence[str], environment: Mapping[str, str]
+) -> tuple[list[tuple[str, str]] | None, list[str] | None]:
+    """For ``argv`` run through a capture's view (:mod:`homesafe.consistency.view`), its
+    binds and the command it runs; for any other argv, (None, argv); (None, None) for
+    one the waiting borg cannot stand for (another wrapper, or no ``unshare`` on the
+    call's PATH, which the call would then fail for)."""
+    import shutil
+
+    if not argv or argv[0] != "unshare":
+        return None, list(argv)
+    from homesafe.consistency import view
+
+    prefix = [*view.PRIVATE_NAMESPACE_ARGV, sys.executable, "-m", view.__name__]
+    if list(argv[: len(prefix)]) != prefix:
+        return None, None
+    if shutil.which("unshare", path=environment.get("PATH", os.defpath)) is None:
+        return None, None
+    try:
+        return view.parse_arguments(list(argv[len(prefix) :]))
+    except ValueError:
+        return None, None
+
+
+def _view_module() -> str:
+    from homesafe.consistency import view
+
+    return view.__file__ or ""
 
 
 def _same_program(waiting: Waiting, argv: Sequence[str], environment: Mapping[str, str]) -> bool:

@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 
 from homesafe import api, execute, locations, prestart, repositories
+from homesafe.consistency import snapshots, view
 from tests.conftest import ManifestWriter, requires_program
+from tests.integration.test_capture import archived_paths
 from tests.integration.test_restore_staged import borg_wrapper, change_everything, write_app
 from tests.integration.test_roundtrip import snapshot_tree
 from tests.support.apps import describe
+from tests.support.btrfs import loop_filesystem, run
 
 pytestmark = requires_program("borg")
 
@@ -74,6 +77,73 @@ def test_the_first_borg_call_is_run_by_the_borg_started_early(
     restored = api.restore_apps(backup.archive)
     assert restored.status == "ok", describe(restored)
     assert snapshot_tree(base) == expected
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loop devices and mounts")
+@requires_program("mkfs.btrfs")
+def test_a_backup_through_a_captures_view_is_run_by_it_in_a_namespace_of_its_own(
+    homesafe_env: Path,
+    write_manifest: ManifestWriter,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A snapshot's backup runs borg through the view (`unshare ... view --bind`): the
+    borg started early enters a mount namespace of its own and binds the snapshots over
+    the original paths (a nested subvolume's after its parent's) before borg runs, as
+    the view would have. The archive holds the original paths and restores exactly;
+    the host's mounts are as they were."""
+    with loop_filesystem(tmp_path / "btrfs", "btrfs") as filesystem:
+        data = filesystem.mount_point / "notes"
+        run("btrfs", "subvolume", "create", data)
+        run("btrfs", "subvolume", "create", data / "attachments")
+        (data / "attachments/picture").write_bytes(os.urandom(10_000))
+        (data / "note.txt").write_text("a note\n")
+        write_manifest("notes", f'id = "notes"\n[data]\ndirectories = ["{data}"]\n')
+        assert api.backup_apps().status == "ok"
+        expected = snapshot_tree(data)
+        mounts_before = {mount.mount_point for mount in snapshots.read_mounts()}
+        caplog.set_level(logging.DEBUG, logger=execute.__name__)
+
+        prestart.begin(["backup"])
+        waiting = prestart.waiting_pid()
+        backup = api.backup_apps(strategy="snapshot")
+
+        assert backup.status == "ok", describe(backup)
+        assert backup.app("notes").strategy == "snapshot"
+        assert early_runs(caplog) == [f"run by the borg started early (pid {waiting})"]
+        messages = [record.getMessage() for record in caplog.records]
+        handed_over = messages.index(early_runs(caplog)[0])
+        assert messages[handed_over - 1].startswith("running unshare --mount"), messages
+        assert {mount.mount_point for mount in snapshots.read_mounts()} == mounts_before
+        listed = archived_paths(backup.archive)
+        relative = str(data).lstrip("/")
+        assert {f"{relative}/note.txt", f"{relative}/attachments/picture"} <= listed
+        assert not any(".homesafe-snapshots" in path for path in listed)
+        (data / "note.txt").write_text("changed\n")
+        restored = api.restore_apps(backup.archive)
+        assert restored.status == "ok", describe(restored)
+        assert snapshot_tree(data) == expected
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mount namespaces")
+def test_a_view_that_cannot_be_shown_fails_as_the_view_itself_does(homesafe_env: Path) -> None:
+    """A copy that is gone: the exit status and message of the view, and no mount."""
+    original = homesafe_env / "original"
+    original.mkdir()
+    argv = [*view.wrapper_argv([(str(homesafe_env / "gone"), str(original))]), "borg", "-V"]
+    environment = {**os.environ, **prestart.borg_environment(str(locations.home()))}
+    mounts_before = snapshots.read_mounts()
+    prestart.begin(["backup"])
+
+    adopted = prestart.adopt(argv, environment, None, [], plain_stdio=True)
+    assert adopted is not None
+    _, errors = adopted.communicate(timeout=60)
+    direct = subprocess.run(argv, env=environment, capture_output=True, check=False)
+
+    assert adopted.returncode == direct.returncode == view.EXIT_VIEW_FAILED
+    assert errors == direct.stderr
+    assert b"cannot show" in errors
+    assert snapshots.read_mounts() == mounts_before
 
 
 def test_a_borg_script_run_by_an_isolated_interpreter_is_started_early_too(

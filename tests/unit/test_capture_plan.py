@@ -136,7 +136,7 @@ def test_the_view_wrapper_is_an_argv_that_ends_where_the_command_begins() -> Non
         "--bind", "/copy/file", "/etc/notes.toml",
         "--",
     ]  # fmt: skip
-    assert view._parse([*argv[8:], "borg", "create"]) == (
+    assert view.parse_arguments([*argv[8:], "borg", "create"]) == (
         [("/snap/notes", "/srv/notes"), ("/copy/file", "/etc/notes.toml")],
         ["borg", "create"],
     )

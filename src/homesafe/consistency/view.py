@@ -19,16 +19,27 @@ namespace and every bind mount in it are gone: there is nothing to clean up afte
 crash.
 
 This is the one place besides :mod:`homesafe.execute` that runs a program, and it does
-not start one: it *becomes* it. It imports nothing from homesafe, to start fast.
+not start one: it *becomes* it. It imports nothing from homesafe, to start fast, and so
+that the borg started early (:mod:`homesafe.prestart`) can load it by path and do the
+same in its own process (:func:`enter_mount_namespace`, then :func:`show`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["PRIVATE_NAMESPACE_ARGV", "bind_read_only", "main", "wrapper_argv"]
+__all__ = [
+    "PRIVATE_NAMESPACE_ARGV",
+    "bind_read_only",
+    "enter_mount_namespace",
+    "main",
+    "parse_arguments",
+    "show",
+    "wrapper_argv",
+]
 
 # linux/mount.h
 MS_RDONLY = 1
@@ -36,6 +47,8 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_PRIVATE = 1 << 18
 MS_REC = 16384
+# linux/sched.h
+CLONE_NEWNS = 0x00020000
 # Exit status when the view cannot be set up (the command never ran).
 EXIT_VIEW_FAILED = 125
 # Runs the command after it in a mount namespace of its own, whose mounts stay in it.
@@ -74,7 +87,9 @@ def bind_read_only(copy: str, original: str) -> None:
     _mount(None, original, MS_BIND | MS_REMOUNT | MS_RDONLY)
 
 
-def _parse(arguments: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+def parse_arguments(arguments: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``--bind COPY ORIGINAL ... -- COMMAND...``: the binds and the command; ValueError
+    for anything else."""
     binds = []
     position = 0
     while position < len(arguments) and arguments[position] == "--bind":
@@ -90,12 +105,27 @@ def _parse(arguments: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     return binds, command
 
 
-def main(arguments: list[str] | None = None) -> int:
-    try:
-        binds, command = _parse(sys.argv[1:] if arguments is None else arguments)
-    except ValueError as error:
-        print(f"homesafe view: {error}", file=sys.stderr)
-        return EXIT_VIEW_FAILED
+def enter_mount_namespace() -> None:
+    """Move this process into a mount namespace of its own, as ``unshare --mount``
+    does (for a process not started through PRIVATE_NAMESPACE_ARGV: the borg that
+    :mod:`homesafe.prestart` started early). Raises OSError, with nothing mounted, when
+    the process is still in the namespace it was in."""
+    import ctypes  # here, as in _mount
+    import ctypes.util
+
+    before = os.readlink("/proc/self/ns/mnt")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
+    if os.readlink("/proc/self/ns/mnt") == before:
+        raise OSError(errno.EINVAL, "the mount namespace did not change")
+
+
+def show(binds: Sequence[tuple[str, str]]) -> int | None:
+    """Mount each copy of ``binds`` read-only over its original path, in this process's
+    own mount namespace; every mount is made private first. None when done; else
+    EXIT_VIEW_FAILED, with the reason printed on stderr."""
     try:
         # unshare already made every mount private; said again so that this module
         # never changes the host's mounts, whoever starts it.
@@ -110,6 +140,18 @@ def main(arguments: list[str] | None = None) -> int:
         print(f"homesafe view: cannot show {error.filename} from its copy: "
               f"{error.strerror}", file=sys.stderr)  # fmt: skip
         return EXIT_VIEW_FAILED
+    return None
+
+
+def main(arguments: list[str] | None = None) -> int:
+    try:
+        binds, command = parse_arguments(sys.argv[1:] if arguments is None else arguments)
+    except ValueError as error:
+        print(f"homesafe view: {error}", file=sys.stderr)
+        return EXIT_VIEW_FAILED
+    failed = show(binds)
+    if failed is not None:
+        return failed
     sys.stdout.flush()
     try:
         os.execvp(command[0], command)  # noqa: S606 - an argv, never a shell
