@@ -71,6 +71,9 @@ START_UP_PREFIXES = ("PYTHON", "LC_", "BORG_")
 # How long a call waits for the interpreter to have imported borg (it takes ~0.15 s):
 # beyond it, the call starts borg itself.
 READY_TIMEOUT_SECONDS = 10.0
+# What a pipe holds before anyone reads it (Linux's default): the launcher writes a
+# handed-over pipe's contents whole into a new pipe before borg reads it.
+PIPE_CAPACITY = 65536
 
 # Run by borg's interpreter: import borg, say so, wait for the order, then become the
 # borg call it describes. Plain Python 3, whatever version borg's interpreter is.
@@ -289,6 +292,7 @@ def adopt(
             return None
         if not all(_closed_pipe(fd) for fd in pass_fds):
             return None
+        contents = [(fd, _take_contents(fd)) for fd in pass_fds]
         _waiting = None
         if not _ready(waiting):
             _end(waiting)
@@ -297,7 +301,7 @@ def adopt(
             "argv": command,
             "env": dict(environment),
             "cwd": working_directory,
-            "pipes": [(fd, _take_contents(fd).hex()) for fd in pass_fds],
+            "pipes": [(fd, content.hex()) for fd, content in contents],
             "view": None if binds is None else {"module": _view_module(), "binds": binds},
         }
         message = memoryview(json.dumps(order).encode())
@@ -352,13 +356,20 @@ def _same_program(waiting: Waiting, argv: Sequence[str], environment: Mapping[st
 
 def _closed_pipe(fd: int) -> bool:
     """Whether ``fd`` is a pipe that no one can write to any more (so that reading it
-    to its end cannot block)."""
+    to its end cannot block) holding at most PIPE_CAPACITY bytes (so that writing them
+    into a new pipe, with no reader yet, cannot block either)."""
+    import fcntl
     import select
+    import struct
+    import termios
 
     try:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return False
+        held = fcntl.ioctl(fd, termios.FIONREAD, bytes(4))
     except OSError:
+        return False
+    if struct.unpack("i", held)[0] > PIPE_CAPACITY:
         return False
     poller = select.poll()
     poller.register(fd, select.POLLIN)

@@ -222,6 +222,27 @@ def test_a_pipe_still_open_for_writing_is_not_handed_over(homesafe_env: Path) ->
         os.close(write_end)
 
 
+def test_a_pipe_holding_more_than_a_new_pipe_takes_is_not_handed_over(
+    homesafe_env: Path,
+) -> None:
+    """Its contents could not be written whole into a new pipe before borg reads it."""
+    import fcntl
+
+    prestart.begin(["backup"])
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4 * prestart.PIPE_CAPACITY)
+    os.write(write_end, b"x" * (prestart.PIPE_CAPACITY + 1))
+    os.close(write_end)
+    try:
+        environment = {**os.environ, **prestart.borg_environment(str(locations.home()))}
+        adopted = prestart.adopt(["borg", "-V"], environment, None, [read_end], plain_stdio=True)
+        assert adopted is None
+        assert prestart.waiting_pid() is not None
+        assert len(os.read(read_end, 2 * prestart.PIPE_CAPACITY)) == prestart.PIPE_CAPACITY + 1
+    finally:
+        os.close(read_end)
+
+
 def test_a_closed_pipe_handed_over_is_left_to_the_caller_as_it_was(homesafe_env: Path) -> None:
     """Its contents are read to hand them over (that they reach borg, the encrypted
     backup above shows); the caller's fd is then a pipe holding the same, as before."""
