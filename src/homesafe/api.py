@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from homesafe import archives, journal, locations, state
+from homesafe import archives, journal, locations, prestart, state
 from homesafe.apps import App, dependency_groups, dependency_order, load_apps, select
 from homesafe.consistency import lockdown
 from homesafe.consistency.services import ServiceController, ServiceHandler
@@ -1163,7 +1163,9 @@ def _stage_and_list(
 
     def read_listing() -> list[ArchiveEntry] | None:
         try:
-            return hasty.listing(paths)
+            # The borg started early (if any) is for the extraction, the longer call.
+            with prestart.leave_it():
+                return hasty.listing(paths)
         except RepositoryLockedError:
             return None  # made again below, with the whole lock wait
 

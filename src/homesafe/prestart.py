@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import json
 import os
 import stat
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -264,6 +265,22 @@ def _read_before_borg_runs(name: str) -> bool:
     return name in START_UP_NAMES or name.startswith(START_UP_PREFIXES)
 
 
+# Calls made in a leave_it() context do not take the waiting borg.
+_leaving_it: contextvars.ContextVar[bool] = contextvars.ContextVar("leaving_it", default=False)
+
+
+@contextlib.contextmanager
+def leave_it() -> Iterator[None]:
+    """Calls made in this context (this thread, or what copies its context) leave the
+    waiting borg to another: for a short call made beside the long one, whose start-up
+    is the one worth hiding (a restore's listing beside its extraction)."""
+    token = _leaving_it.set(True)
+    try:
+        yield
+    finally:
+        _leaving_it.reset(token)
+
+
 def adopt(
     argv: Sequence[str],
     environment: Mapping[str, str],
@@ -279,7 +296,7 @@ def adopt(
     global _waiting
     with _lock:
         waiting = _waiting
-        if waiting is None or not plain_stdio:
+        if waiting is None or not plain_stdio or _leaving_it.get():
             return None
         binds, command = _view_and_command(argv, environment)
         if command is None or not _same_program(waiting, command, environment):

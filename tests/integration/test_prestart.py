@@ -177,6 +177,36 @@ def test_a_borg_script_run_by_an_isolated_interpreter_is_started_early_too(
     assert early_runs(caplog) == [f"run by the borg started early (pid {waiting})"]
 
 
+def test_a_restore_hands_its_extraction_to_it_not_the_listing_beside(
+    homesafe_env: Path, write_manifest: ManifestWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Planned from the backup's record, a restore lists the archive in a thread while
+    it extracts: the extraction, the longer of the two, is the call handed over."""
+    base = write_app(write_manifest, homesafe_env / "srv", "notes")
+    expected = snapshot_tree(base)
+    backup = api.backup_apps()
+    change_everything(base)
+    caplog.set_level(logging.DEBUG, logger=execute.__name__)
+
+    prestart.begin(["restore", backup.archive])
+    waiting = prestart.waiting_pid()
+    restored = api.restore_apps(backup.archive)
+
+    assert restored.status == "ok", describe(restored)
+    assert snapshot_tree(base) == expected
+    runs = [record for record in caplog.records if record.name == execute.__name__]
+    listing = [record for record in runs if record.getMessage().startswith("running borg list")]
+    assert listing and all(record.threadName.startswith("archive-listing") for record in listing)
+    handed = [record for record in runs if "started early" in record.getMessage()]
+    assert [record.getMessage() for record in handed] == [
+        f"run by the borg started early (pid {waiting})"
+    ]
+    # What the thread that handed a call over was running: the extraction.
+    same_thread = [record for record in runs if record.thread == handed[0].thread]
+    handed_call = same_thread[same_thread.index(handed[0]) - 1].getMessage()
+    assert handed_call.startswith("running borg extract"), handed_call
+
+
 def test_a_call_it_cannot_stand_for_starts_borg_as_always(
     homesafe_env: Path,
     write_manifest: ManifestWriter,
