@@ -50,7 +50,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import subprocess
@@ -184,25 +184,12 @@ def _repository_names(arguments: Sequence[str]) -> list[str]:
 def _writes_to_borg(names: Sequence[str]) -> bool:
     """Whether one of the repositories ``names`` (none: the embedded default, a borg
     one) is a borg repository, as the registry says; False if it cannot be read."""
-    import sqlite3
-
-    from homesafe import locations
+    from homesafe import state
 
     registered = [name for name in names if name != "default"]
     if len(registered) < len(names) or not names:
         return True
-    database = locations.state_database()
-    try:
-        # Read-only, and never made: a missing registry names no repository.
-        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
-            placeholders = ",".join("?" * len(registered))
-            rows = db.execute(
-                f"SELECT engine FROM repositories WHERE name IN ({placeholders})",  # noqa: S608
-                registered,
-            ).fetchall()
-    except (sqlite3.Error, ValueError):
-        return False
-    return any(engine == PROGRAM for (engine,) in rows)
+    return PROGRAM in (state.registered_engines(registered) or [])
 
 
 def _start() -> Waiting | None:
@@ -298,7 +285,7 @@ def adopt(
         waiting = _waiting
         if waiting is None or not plain_stdio or _leaving_it.get():
             return None
-        binds, command = _view_and_command(argv, environment)
+        view, command = _view_and_command(argv, environment)
         if command is None or not _same_program(waiting, command, environment):
             return None
         if any(
@@ -319,7 +306,7 @@ def adopt(
             "env": dict(environment),
             "cwd": working_directory,
             "pipes": [(fd, content.hex()) for fd, content in contents],
-            "view": None if binds is None else {"module": _view_module(), "binds": binds},
+            "view": view,
         }
         message = memoryview(json.dumps(order).encode())
         try:
@@ -334,11 +321,12 @@ def adopt(
 
 def _view_and_command(
     argv: Sequence[str], environment: Mapping[str, str]
-) -> tuple[list[tuple[str, str]] | None, list[str] | None]:
-    """For ``argv`` run through a capture's view (:mod:`homesafe.consistency.view`), its
-    binds and the command it runs; for any other argv, (None, argv); (None, None) for
-    one the waiting borg cannot stand for (another wrapper, or no ``unshare`` on the
-    call's PATH, which the call would then fail for)."""
+) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """For ``argv`` run through a capture's view (:mod:`homesafe.consistency.view`),
+    what the launcher needs to do as the view does (the module's file and the binds)
+    and the command it runs; for any other argv, (None, argv); (None, None) for one the
+    waiting borg cannot stand for (another wrapper, or no ``unshare`` on the call's
+    PATH, which the call would then fail for)."""
     import shutil
 
     if not argv or argv[0] != "unshare":
@@ -346,20 +334,15 @@ def _view_and_command(
     from homesafe.consistency import view
 
     prefix = [*view.PRIVATE_NAMESPACE_ARGV, sys.executable, "-m", view.__name__]
-    if list(argv[: len(prefix)]) != prefix:
+    if list(argv[: len(prefix)]) != prefix or view.__file__ is None:
         return None, None
     if shutil.which("unshare", path=environment.get("PATH", os.defpath)) is None:
         return None, None
     try:
-        return view.parse_arguments(list(argv[len(prefix) :]))
+        binds, command = view.parse_arguments(list(argv[len(prefix) :]))
     except ValueError:
         return None, None
-
-
-def _view_module() -> str:
-    from homesafe.consistency import view
-
-    return view.__file__ or ""
+    return {"module": view.__file__, "binds": binds}, command
 
 
 def _same_program(waiting: Waiting, argv: Sequence[str], environment: Mapping[str, str]) -> bool:
@@ -397,7 +380,7 @@ def _take_contents(fd: int) -> bytes:
     """Read a closed pipe to its end, then put an identical one at the same fd: the
     caller's fd is left as it was (and closed by the caller as before)."""
     chunks = []
-    while chunk := os.read(fd, 65536):
+    while chunk := os.read(fd, PIPE_CAPACITY):
         chunks.append(chunk)
     contents = b"".join(chunks)
     read_end, write_end = os.pipe()

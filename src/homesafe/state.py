@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from typing import Any
 
@@ -95,6 +95,25 @@ def connect() -> Iterator[sqlite3.Connection]:
             connection.execute(statement)
         with connection:
             yield connection
+
+
+def registered_engines(names: Sequence[str]) -> list[str] | None:
+    """The engines of the registered repositories among ``names``, read without making
+    or changing anything (a missing database registers none); None if the database
+    cannot be read. For start-up, before the registry's module is imported."""
+    if not names:
+        return []
+    try:
+        # Read-only, and never made.
+        uri = f"{locations.state_database().as_uri()}?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True)) as connection:
+            rows = connection.execute(
+                f"SELECT engine FROM repositories WHERE name IN ({','.join('?' * len(names))})",  # noqa: S608
+                list(names),
+            ).fetchall()
+    except (sqlite3.Error, ValueError):
+        return None
+    return [str(engine) for (engine,) in rows]
 
 
 def get_setting(key: str, default: Any = None) -> Any:
