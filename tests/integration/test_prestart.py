@@ -53,6 +53,16 @@ def early_runs(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def started_early(arguments: list[str], caplog: pytest.LogCaptureFixture) -> int:
+    """Start borg early as the program would for ``arguments``, with the debug log of
+    homesafe.execute captured; the waiting interpreter's pid."""
+    caplog.set_level(logging.DEBUG, logger=execute.__name__)
+    prestart.begin(arguments)
+    waiting = prestart.waiting_pid()
+    assert waiting is not None
+    return waiting
+
+
 def test_the_first_borg_call_is_run_by_the_borg_started_early(
     homesafe_env: Path, write_manifest: ManifestWriter, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -62,11 +72,7 @@ def test_the_first_borg_call_is_run_by_the_borg_started_early(
     base = write_app(write_manifest, homesafe_env / "srv", "notes")
     assert api.backup_apps().status == "ok"  # creates the repository
     expected = snapshot_tree(base)
-    caplog.set_level(logging.DEBUG, logger=execute.__name__)
-
-    prestart.begin(["-v", "backup", "notes"])
-    waiting = prestart.waiting_pid()
-    assert waiting is not None
+    waiting = started_early(["-v", "backup", "notes"], caplog)
     backup = api.backup_apps(["notes"])
 
     assert backup.status == "ok", describe(backup)
@@ -102,10 +108,7 @@ def test_a_backup_through_a_captures_view_is_run_by_it_in_a_namespace_of_its_own
         assert api.backup_apps().status == "ok"
         expected = snapshot_tree(data)
         mounts_before = {mount.mount_point for mount in snapshots.read_mounts()}
-        caplog.set_level(logging.DEBUG, logger=execute.__name__)
-
-        prestart.begin(["backup"])
-        waiting = prestart.waiting_pid()
+        waiting = started_early(["backup"], caplog)
         backup = api.backup_apps(strategy="snapshot")
 
         assert backup.status == "ok", describe(backup)
@@ -167,11 +170,7 @@ def test_a_borg_script_run_by_an_isolated_interpreter_is_started_early_too(
     monkeypatch.setenv("PATH", f"{homesafe_env / 'bin'}{os.pathsep}{os.environ['PATH']}")
     write_app(write_manifest, homesafe_env / "srv", "notes")
     assert api.backup_apps().status == "ok"
-    caplog.set_level(logging.DEBUG, logger=execute.__name__)
-
-    prestart.begin(["backup"])
-    waiting = prestart.waiting_pid()
-    assert waiting is not None
+    waiting = started_early(["backup"], caplog)
     assert api.backup_apps().status == "ok"
 
     assert early_runs(caplog) == [f"run by the borg started early (pid {waiting})"]
@@ -186,10 +185,7 @@ def test_a_restore_hands_its_extraction_to_it_not_the_listing_beside(
     expected = snapshot_tree(base)
     backup = api.backup_apps()
     change_everything(base)
-    caplog.set_level(logging.DEBUG, logger=execute.__name__)
-
-    prestart.begin(["restore", backup.archive])
-    waiting = prestart.waiting_pid()
+    waiting = started_early(["restore", backup.archive], caplog)
     restored = api.restore_apps(backup.archive)
 
     assert restored.status == "ok", describe(restored)
@@ -218,10 +214,7 @@ def test_a_call_it_cannot_stand_for_starts_borg_as_always(
     started anew, and the waiting one is left for a later call, then ended."""
     write_app(write_manifest, homesafe_env / "srv", "notes")
     assert api.backup_apps().status == "ok"
-    caplog.set_level(logging.DEBUG, logger=execute.__name__)
-    prestart.begin(["backup"])
-    waiting = prestart.waiting_pid()
-    assert waiting is not None
+    waiting = started_early(["backup"], caplog)
     monkeypatch.setenv("PYTHONWARNINGS", "default")
 
     assert api.backup_apps().status == "ok"
