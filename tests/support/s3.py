@@ -28,6 +28,8 @@ SECRET_KEY = "homesafe-test-secret-0123456789"
 START_SECONDS = 60
 STOP_GRACE_SECONDS = 2
 VOLUME_MB = 64
+# The directory bit of a mode as the filer reports it (Go's os.ModeDir).
+GO_MODE_DIRECTORY = 1 << 31
 
 
 def weed_binary() -> str | None:
@@ -159,6 +161,36 @@ class SeaweedS3:
             return True  # 403 without credentials: it answers
         except OSError:
             return False
+
+    def copy_objects(self, bucket: str, source: str, destination: str) -> int:
+        """Copy every object below ``bucket/source`` to ``bucket/destination`` (same
+        relative keys), through the filer's HTTP API, which needs no credentials;
+        returns how many objects were copied. For small prefixes (a repository just
+        made): each object is read whole into memory."""
+        filer = f"http://127.0.0.1:{self.filer_port}/buckets/{bucket}"
+        copied = 0
+        directories = [""]
+        while directories:
+            directory = directories.pop()
+            request = urllib.request.Request(
+                f"{filer}/{source}/{directory}", headers={"Accept": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                entries = json.loads(response.read()).get("Entries") or []
+            for entry in entries:
+                name = entry["FullPath"].rsplit("/", 1)[1]
+                relative = f"{directory}{name}"
+                if entry["Mode"] & GO_MODE_DIRECTORY:
+                    directories.append(f"{relative}/")
+                    continue
+                with urllib.request.urlopen(f"{filer}/{source}/{relative}", timeout=10) as got:
+                    body = got.read()
+                put = urllib.request.Request(
+                    f"{filer}/{destination}/{relative}", data=body, method="PUT"
+                )
+                with urllib.request.urlopen(put, timeout=10):
+                    copied += 1
+        return copied
 
     def environment(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
