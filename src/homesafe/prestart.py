@@ -40,20 +40,23 @@ it off.
 
 from __future__ import annotations
 
+# Only modules built into the interpreter or imported by its own start-up: every
+# millisecond spent importing before the waiting borg is started is one more that borg
+# starts after homesafe. (typing, dataclasses and the rest come later, with the rest of
+# homesafe; starting borg takes subprocess, and reading the registry sqlite3.)
+import _thread
 import atexit
-import contextlib
 import contextvars
-import json
 import os
 import stat
 import sys
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+
+from homesafe import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
 # The commands whose first engine call comes within moments, and is mostly borg's.
 COMMANDS = frozenset({"backup", "restore"})
@@ -141,19 +144,26 @@ def borg_environment(home: str) -> dict[str, str]:
     }
 
 
-@dataclass
 class Waiting:
     """An interpreter importing borg, or waiting for its order."""
 
-    process: subprocess.Popen[bytes]
-    script: str  # the borg script it runs, resolved
-    environment: dict[str, str]
-    order_fd: int  # write end
-    ready_fd: int  # read end
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        script: str,
+        environment: dict[str, str],
+        order_fd: int,
+        ready_fd: int,
+    ) -> None:
+        self.process = process
+        self.script = script  # the borg script it runs, resolved
+        self.environment = environment
+        self.order_fd = order_fd  # write end
+        self.ready_fd = ready_fd  # read end
 
 
 _waiting: Waiting | None = None
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 
 
 def begin(arguments: Sequence[str]) -> None:
@@ -184,11 +194,11 @@ def _repository_names(arguments: Sequence[str]) -> list[str]:
 def _writes_to_borg(names: Sequence[str]) -> bool:
     """Whether one of the repositories ``names`` (none: the embedded default, a borg
     one) is a borg repository, as the registry says; False if it cannot be read."""
-    from homesafe import state
-
     registered = [name for name in names if name != "default"]
     if len(registered) < len(names) or not names:
         return True
+    from homesafe import state
+
     return PROGRAM in (state.registered_engines(registered) or [])
 
 
@@ -256,16 +266,16 @@ def _read_before_borg_runs(name: str) -> bool:
 _leaving_it: contextvars.ContextVar[bool] = contextvars.ContextVar("leaving_it", default=False)
 
 
-@contextlib.contextmanager
-def leave_it() -> Iterator[None]:
+class leave_it:  # named as a function: it is used as contextlib's context managers are
     """Calls made in this context (this thread, or what copies its context) leave the
     waiting borg to another: for a short call made beside the long one, whose start-up
     is the one worth hiding (a restore's listing beside its extraction)."""
-    token = _leaving_it.set(True)
-    try:
-        yield
-    finally:
-        _leaving_it.reset(token)
+
+    def __enter__(self) -> None:
+        self._token = _leaving_it.set(True)
+
+    def __exit__(self, *exception: object) -> None:
+        _leaving_it.reset(self._token)
 
 
 def adopt(
@@ -308,6 +318,8 @@ def adopt(
             "pipes": [(fd, content.hex()) for fd, content in contents],
             "view": view,
         }
+        import json
+
         message = memoryview(json.dumps(order).encode())
         try:
             while message:
@@ -415,6 +427,7 @@ def discard() -> None:
 
 def _end(waiting: Waiting) -> None:
     """Kill it (it holds nothing yet) and reap it."""
+    import contextlib
     import signal
 
     for fd in (waiting.order_fd, waiting.ready_fd):

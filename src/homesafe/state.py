@@ -13,9 +13,11 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
-from typing import Any
 
-from homesafe import locations
+from homesafe import TYPE_CHECKING, locations
+
+if TYPE_CHECKING:  # typing is not imported before prestart starts borg
+    from typing import Any
 
 # One entry per table (or index), each owned by the module named in its comment.
 SCHEMA = [

@@ -335,6 +335,28 @@ def test_prestart_can_be_turned_off(homesafe_env: Path, monkeypatch: pytest.Monk
     assert prestart.waiting_pid() is None
 
 
+IMPORTED_BEFORE_THE_START = """
+import sys
+from homesafe import prestart
+prestart.begin(["backup"])
+assert prestart.waiting_pid() is not None
+print(" ".join(sorted(sys.modules)))
+"""
+# What the rest of homesafe imports, each several milliseconds of start-up; imported
+# before the waiting borg is started, each would delay it as much.
+LATER_IMPORTS = ["click", "dataclasses", "inspect", "typing"]
+
+
+def test_borg_is_started_before_homesafe_imports_the_rest_of_itself(homesafe_env: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", IMPORTED_BEFORE_THE_START],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    imported = set(completed.stdout.split())
+    assert "homesafe.prestart" in imported
+    assert not imported & set(LATER_IMPORTS), imported & set(LATER_IMPORTS)
+
+
 WAIT_THEN = """
 import os, sys, time
 from homesafe import prestart
