@@ -625,22 +625,31 @@ def verify(app_plan: AppPlan) -> None:
         if not path_plan.in_archive:
             continue
         assert path_plan.area.root is not None
-        # One lstat per entry, on plain strings: an app may have many thousands of them.
-        staged_root = os.path.join(path_plan.area.root, "new")
+        # One lstat per entry, on plain strings, and nothing else the loop can do
+        # without: it runs after the extraction, with nothing beside it, for each of an
+        # app's entries (42,000 in 0.1 s).
+        staged_root = os.path.join(path_plan.area.root, "new") + "/"
+        top = path_plan.archive_path
+        below = top.rstrip("/") + "/"
+        lstat = os.lstat
         for entry in app_plan.entries:
-            if not is_inside(entry.path, path_plan.archive_path):
+            path = entry.path
+            if path != top and not path.startswith(below):
                 continue
             try:
-                status = os.lstat(os.path.join(staged_root, entry.path))
+                status = lstat(staged_root + path)  # entry paths are relative
             except OSError:
-                problems.append(f"/{entry.path} is missing")
+                problems.append(f"/{path} is missing")
                 continue
-            if entry.type == "-" and status.st_size != entry.size:
-                problems.append(f"/{entry.path} has {status.st_size} bytes, not {entry.size}")
-            elif entry.type == "d" and not stat.S_ISDIR(status.st_mode):
-                problems.append(f"/{entry.path} is not a directory")
-            elif entry.type == "l" and not stat.S_ISLNK(status.st_mode):
-                problems.append(f"/{entry.path} is not a symbolic link")
+            kind = entry.type
+            if kind == "-":
+                if status.st_size != entry.size:
+                    problems.append(f"/{path} has {status.st_size} bytes, not {entry.size}")
+            elif kind == "d":
+                if not stat.S_ISDIR(status.st_mode):
+                    problems.append(f"/{path} is not a directory")
+            elif kind == "l" and not stat.S_ISLNK(status.st_mode):
+                problems.append(f"/{path} is not a symbolic link")
     if problems:
         shown = "; ".join(problems[:10])
         raise VerificationError(
