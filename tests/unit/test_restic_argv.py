@@ -99,6 +99,18 @@ def test_listings_leave_out_the_parents_restic_adds() -> None:
     assert not restic.stored_member("srv", stored)
     assert not restic.stored_member("srv/app", stored)
     assert not restic.stored_member("tmp", stored)
+    assert restic.stored_member("srv/app/database", stored)  # not a parent restic added
+
+
+def test_json_lines_are_read_whole_or_line_by_line() -> None:
+    text = '{"a": 1}\nwarning: not JSON\n[1, 2]\n{"b": [2]}\n'
+    assert list(restic._json_lines(text)) == [{"a": 1}, {"b": [2]}]
+    # One line that is not JSON after all: the others are still read.
+    assert list(restic._json_lines(text + '{"broken\n{"c": 3}\n')) == [
+        {"a": 1},
+        {"b": [2]},
+        {"c": 3},
+    ]
 
 
 def test_sftp_and_s3_locations(tmp_path: Path, homesafe_env: Path) -> None:
