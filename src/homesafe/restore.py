@@ -627,7 +627,7 @@ def verify(app_plan: AppPlan) -> None:
         assert path_plan.area.root is not None
         # One lstat per entry, on plain strings, and nothing else the loop can do
         # without: it runs after the extraction, with nothing beside it, for each of an
-        # app's entries (42,000 in 0.1 s).
+        # app's entries (42,000 in ~0.15 s).
         staged_root = os.path.join(path_plan.area.root, "new") + "/"
         top = path_plan.archive_path
         below = top.rstrip("/") + "/"
