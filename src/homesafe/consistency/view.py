@@ -31,6 +31,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+# typing.TYPE_CHECKING without importing typing, nor homesafe (see above).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+
 __all__ = [
     "PRIVATE_NAMESPACE_ARGV",
     "bind_read_only",
@@ -64,20 +69,33 @@ def wrapper_argv(binds: Sequence[tuple[str, str]]) -> list[str]:
     return [*argv, "--"]
 
 
-def _mount(source: str | None, target: str, flags: int) -> None:
+def _libc() -> ctypes.CDLL:
+    """The C library, keeping errno for :func:`_failure`."""
     import ctypes  # here: homesafe imports this module for wrapper_argv, not for this
     import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.mount(
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _failure(*filename: str) -> OSError:
+    """The OSError of the C library call that just failed."""
+    import ctypes
+
+    number = ctypes.get_errno()
+    return OSError(number, os.strerror(number), *filename)
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    import ctypes
+
+    if _libc().mount(
         None if source is None else os.fsencode(source),
         os.fsencode(target),
         None,
         ctypes.c_ulong(flags),
         None,
     ):
-        number = ctypes.get_errno()
-        raise OSError(number, os.strerror(number), target)
+        raise _failure(target)
 
 
 def bind_read_only(copy: str, original: str) -> None:
@@ -110,14 +128,9 @@ def enter_mount_namespace() -> None:
     does (for a process not started through PRIVATE_NAMESPACE_ARGV: the borg that
     :mod:`homesafe.prestart` started early). Raises OSError, with nothing mounted, when
     the process is still in the namespace it was in."""
-    import ctypes  # here, as in _mount
-    import ctypes.util
-
     before = os.readlink("/proc/self/ns/mnt")
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.unshare(CLONE_NEWNS) != 0:
-        number = ctypes.get_errno()
-        raise OSError(number, os.strerror(number))
+    if _libc().unshare(CLONE_NEWNS) != 0:
+        raise _failure()
     if os.readlink("/proc/self/ns/mnt") == before:
         raise OSError(errno.EINVAL, "the mount namespace did not change")
 
