@@ -92,14 +92,14 @@ def test_restore_includes_are_literal_absolute_paths(repository: Repository) -> 
 
 
 def test_listings_leave_out_the_parents_restic_adds() -> None:
-    stored = ["/srv/app/data", "/tmp/operation-x/.homesafe"]
-    assert restic.stored_member("srv/app/data", stored)
-    assert restic.stored_member("srv/app/data/file", stored)
-    assert restic.stored_member(".homesafe/archive.json", stored)
-    assert not restic.stored_member("srv", stored)
-    assert not restic.stored_member("srv/app", stored)
-    assert not restic.stored_member("tmp", stored)
-    assert restic.stored_member("srv/app/database", stored)  # not a parent restic added
+    stored_member = restic.stored_members(["/srv/app/data", "/tmp/operation-x/.homesafe"])
+    assert stored_member("srv/app/data")
+    assert stored_member("srv/app/data/file")
+    assert stored_member(".homesafe/archive.json")
+    assert not stored_member("srv")
+    assert not stored_member("srv/app")
+    assert not stored_member("tmp")
+    assert stored_member("srv/app/database")  # not a parent restic added
 
 
 def test_json_lines_are_read_whole_or_line_by_line() -> None:

@@ -217,15 +217,11 @@ def ancestors(path: str) -> set[str]:
     return {"/".join(parts[:index]) for index in range(1, len(parts))}
 
 
-def stored_member(path: str, snapshot_paths: Sequence[str]) -> bool:
-    """Whether ``path`` (relative, as in the tree) is something the snapshot stored,
-    rather than a parent directory restic added above an absolute path."""
-    return stored_members(snapshot_paths)(path)
-
-
 def stored_members(snapshot_paths: Sequence[str]) -> Callable[[str], bool]:
-    """:func:`stored_member` for one snapshot, its paths looked at once: for each of
-    the many thousands of entries of a listing or a dump."""
+    """Whether a path (relative, as in the tree) is something the snapshot with these
+    paths stored, rather than a parent directory restic added above an absolute path.
+    The paths are looked at once, for the many thousands of entries of a listing or a
+    dump."""
     tops = {item.lstrip("/") for item in snapshot_paths}
     added = {ancestor for top in tops for ancestor in ancestors(top)}
     inside = within(tops)
