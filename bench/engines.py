@@ -81,6 +81,7 @@ from tests.support.sshd import Sshd  # noqa: E402
 SEED = 20241126
 HOMESAFE = DEFAULT_HOMESAFE
 TARGETS = ["borg-local", "borg-ssh", "restic-local", "restic-s3"]
+S3_BUCKET = "bench"
 CASES = ["full", "unchanged", "changed", "restore"]
 RESULTS = ROOT / "bench" / "results" / "engines.json"
 TARGET_RATIO = 1.05
@@ -167,8 +168,11 @@ class Target:
             return f"ssh://root@127.0.0.1:{self.sshd.port}{path}"
         if self.kind.endswith("s3"):
             assert self.s3 is not None
-            return self.s3.location("bench", f"{self.work.name}-{side}")
+            return self.s3.location(S3_BUCKET, self.s3_prefix(side))
         return str(path)
+
+    def s3_prefix(self, side: str) -> str:
+        return f"{self.work.name}-{side}"
 
     def set_up(self) -> None:
         os.environ.update({"HOMESAFE_HOME": str(self.home)})
@@ -227,7 +231,7 @@ class Target:
         its own."""
         if self.s3 is not None:
             copied = self.s3.copy_objects(
-                "bench", f"{self.work.name}-homesafe", f"{self.work.name}-raw"
+                S3_BUCKET, self.s3_prefix("homesafe"), self.s3_prefix("raw")
             )
             assert copied >= 2, "a restic repository holds a config and a key"
             return
