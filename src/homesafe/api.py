@@ -1691,6 +1691,7 @@ def initialize_repository(repository: Repository) -> bool:
     generate_passphrase(repository)  # a remote probe needs some passphrase to send
     try:
         if _opens(engine, repository):
+            engine.attach(repository)
             return False
         if not repository.is_remote:
             Path(repository.location).parent.mkdir(parents=True, exist_ok=True)
@@ -1851,6 +1852,10 @@ def remove_repository(name: str, *, delete_data: bool = False) -> None:
         engine_for(repository.engine).destroy(repository)
     unregister_repository(name)
     archives.forget_repository_records(locations.home(), name)
+    # homesafe's own restic key opens the repository only for this registration.
+    from homesafe.engines import restic_key
+
+    restic_key.forget(name)
     if delete_data:
         # Only the secrets homesafe made for it: a file the person named stays.
         if repository.passphrase_file == passphrase_file_for(name):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from homesafe import api, repositories
+from homesafe.engines import restic_key
 from homesafe.errors import PassphraseError
 from homesafe.repositories import Repository
 from tests.conftest import ManifestWriter, requires_program
@@ -66,6 +67,8 @@ def test_passphrase_from_environment_or_command_never_leaks(
     added = homesafe("repo", "add", "offsite", str(tmp_path / "repo"), "--engine", engine, *option)
     assert added.returncode == 0, added.stderr
     assert not (homesafe_env / "home/secrets/offsite.passphrase").exists()
+    # No key of homesafe's own either: its password would be a secret at rest.
+    assert not (homesafe_env / "home/secrets/offsite.restic-key").exists()
 
     caplog.set_level(logging.DEBUG)
     result = api.backup_apps(repository=repositories.get("offsite"))
@@ -96,6 +99,9 @@ def test_wrong_passphrase_is_a_passphrase_error(
     wrong.chmod(0o600)
     repository = repositories.get("r")
     impostor = Repository(**{**repository.__dict__, "passphrase_file": wrong})
+    # homesafe's own restic key opens the repository whatever the passphrase file says
+    # (tests/integration/test_restic_own_key.py): without it, the passphrase is tried.
+    restic_key.forget("r")
 
     with pytest.raises(PassphraseError) as raised:
         api.list_archives(impostor)
@@ -140,6 +146,8 @@ def test_passphrase_change_replaces_the_file_only_once_the_repository_took_it(
     assert new != old and len(new) >= 32
     assert oct(file.stat().st_mode & 0o777) == "0o600"
     assert not file.with_name("r.passphrase.new").exists()
+    # The passphrases themselves, not homesafe's own restic key, must open it or not.
+    restic_key.forget("r")
     assert len(api.list_archives(repositories.get("r"))) == 1
     stale = tmp_path / "old"
     stale.write_text(old + "\n")
@@ -179,7 +187,10 @@ def test_restic_key_export_is_the_key_file_and_import_is_refused_clearly(
 
     exported = json.loads(homesafe("key", "export", "--repo", "r", "--json").stdout)
 
-    [key_file] = list((tmp_path / "repo/keys").iterdir())
+    # The passphrase's key, not homesafe's own (whose password is no passphrase).
+    own = restic_key.load(repositories.get("r"))
+    assert own is not None
+    [key_file] = [path for path in (tmp_path / "repo/keys").iterdir() if path.name != own.key_id]
     assert json.loads(exported["key"]) == json.loads(key_file.read_text())
     refused = homesafe("key", "import", "--repo", "r", str(key_file))
     assert refused.returncode == 2
@@ -190,6 +201,7 @@ def test_repo_list_show_and_remove(homesafe_env: Path, app: Path, tmp_path: Path
     assert homesafe("repo", "add", "one", str(tmp_path / "one")).returncode == 0
     added = homesafe("repo", "add", "two", str(tmp_path / "two"), "--engine", "restic")
     assert added.returncode == 0, added.stderr
+    assert (homesafe_env / "home/secrets/two.restic-key").exists()
     assert homesafe("repo", "add", "one", str(tmp_path / "x")).returncode == 2
     assert homesafe("repo", "add", "default", str(tmp_path / "x")).returncode == 2
 
@@ -214,6 +226,7 @@ def test_repo_list_show_and_remove(homesafe_env: Path, app: Path, tmp_path: Path
     assert deleted.returncode == 0, deleted.stderr
     assert not (tmp_path / "two").exists()
     assert not (homesafe_env / "home/secrets/two.passphrase").exists()
+    assert not (homesafe_env / "home/secrets/two.restic-key").exists()
     names = [
         row["name"] for row in json.loads(homesafe("repo", "list", "--json").stdout)["repositories"]
     ]

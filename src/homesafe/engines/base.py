@@ -210,7 +210,15 @@ class Engine(Protocol):
 
     def repository_exists(self, repository: Repository) -> bool: ...
 
-    def initialize(self, repository: Repository) -> None: ...
+    def initialize(self, repository: Repository) -> None:
+        """Create the repository, and :meth:`attach` it."""
+        ...
+
+    def attach(self, repository: Repository) -> None:
+        """Make ready a repository this host is to use, found at its location (at
+        ``homesafe repo add``). Whatever it does is only for speed: a failure is logged,
+        never raised."""
+        ...
 
     def create(
         self,

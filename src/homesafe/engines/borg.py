@@ -701,6 +701,9 @@ class BorgEngine:
         version()
         run_borg(repository, init_argv(repository))
 
+    def attach(self, repository: Repository) -> None:
+        """Nothing: borg opens a repository as fast with the passphrase as without."""
+
     def create(
         self,
         repository: Repository,

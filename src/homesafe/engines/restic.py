@@ -24,7 +24,11 @@ Works with restic 0.14 (Debian bookworm) and later. How homesafe's ideas map ont
   :class:`homesafe.sources.EngineSource` makes the first two side by side, and the
   files are extracted from the snapshot the listing named by id.
 * **Passphrase**: through a pipe (``RESTIC_PASSWORD_FILE=/dev/fd/N``), never argv or the
-  environment; ``RESTIC_PASSWORD*`` inherited from the caller are removed.
+  environment; ``RESTIC_PASSWORD*`` inherited from the caller are removed. A repository
+  whose passphrase is kept in a file is opened with homesafe's own key instead
+  (:mod:`homesafe.engines.restic_key`), whose derivation costs a millisecond, not half a
+  second; the passphrase is used when that key is gone, and for the commands that act on
+  the passphrase's key (``key passwd``, ``key export``).
 * **Remote**: sftp through homesafe's ssh key and known_hosts (``-o sftp.command``); S3
   with the repository's access keys in the environment of the restic process only.
 * **Locks**: restic 0.14 does not wait for a lock. On "already locked" homesafe runs
@@ -42,6 +46,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import logging
 import os
 import re
 import shlex
@@ -50,11 +55,12 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from homesafe import archives, execute, locations
+from homesafe.engines import restic_key
 from homesafe.engines.base import (
     ArchiveEntry,
     ArchiveStats,
@@ -67,6 +73,7 @@ from homesafe.engines.base import (
     RepositoryInfo,
     RetentionPolicy,
 )
+from homesafe.engines.restic_key import OwnKey
 from homesafe.errors import (
     ArchiveExistsError,
     ArchiveNotFoundError,
@@ -87,6 +94,8 @@ from homesafe.repositories import (
     diagnose_ssh,
     ssh_command,
 )
+
+logger = logging.getLogger(__name__)
 
 RESTIC = "restic"
 # restic 0.14: "backup" exits 3 when some source files could not be read.
@@ -342,6 +351,14 @@ def cat_config_argv(repository: Repository) -> list[str]:
     return [RESTIC, "cat", *common_options(repository), "config"]
 
 
+def cat_masterkey_argv(repository: Repository) -> list[str]:
+    return [RESTIC, "cat", *common_options(repository), "masterkey"]
+
+
+def key_remove_argv(repository: Repository, key_id: str) -> list[str]:
+    return [RESTIC, "key", "remove", *common_options(repository), key_id]
+
+
 def key_list_argv(repository: Repository) -> list[str]:
     return [RESTIC, "key", "list", *common_options(repository), "--json"]
 
@@ -375,10 +392,11 @@ def unlock_argv(repository: Repository, *, remove_all: bool = False) -> list[str
 
 @contextmanager
 def password_pipes(
-    repository: Repository, extra: Sequence[str] = ()
+    repository: Repository, extra: Sequence[str] = (), key: OwnKey | None = None
 ) -> Iterator[tuple[dict[str, str], list[int], list[str], list[str]]]:
     """Environment, fds, secrets to mask and the ``/dev/fd`` paths of ``extra``
-    (further secrets to hand over by pipe) for one restic call."""
+    (further secrets to hand over by pipe) for one restic call; the password is
+    ``key``'s when given, else the repository's passphrase."""
     environment = {
         "RESTIC_CACHE_DIR": str(locations.home() / "restic-cache"),
         # One progress line every 5 s is plenty in a log; restic's default is 60/s on
@@ -390,7 +408,7 @@ def password_pipes(
         credentials = repository.s3_credentials()
         environment.update(credentials)
         secrets += list(credentials.values())
-    passphrase = repository.passphrase()
+    passphrase = key.password if key is not None else repository.passphrase()
     if passphrase is None:
         raise EngineError("restic repositories are always encrypted: they need a passphrase")
     pipes: list[int] = []
@@ -423,11 +441,18 @@ def run_restic(
     replace_argument: str | None = None,
     wrapper: Sequence[str] = (),
     on_stdout_record: execute.JsonRecordCallback | None = None,
+    with_passphrase: bool = False,
+    own_key: OwnKey | None = None,
 ) -> execute.Completed:
     """Run one restic command for ``repository``, turning its errors into homesafe's.
 
     ``wrapper``: an argv prefix that restic runs under (a capture view).
     ``on_stdout_record``: called with each JSON line of stdout as it comes.
+
+    The repository is opened with homesafe's own key when it has one
+    (:mod:`homesafe.engines.restic_key`), unless ``with_passphrase``; if restic no
+    longer accepts that key, it is forgotten and the passphrase is used. ``own_key``:
+    open with this key, and with no other (to try a key just made).
 
     While the repository is locked by another process, stale locks are removed and the
     command is tried again, up to ``repository.lock_wait`` seconds. ``extra_secrets``
@@ -435,6 +460,7 @@ def run_restic(
     first of them.
     """
     deadline = time.monotonic() + repository.lock_wait
+    key = None if with_passphrase else own_key or restic_key.load(repository)
     while True:
         try:
             return _run_restic_once(
@@ -447,7 +473,21 @@ def run_restic(
                 replace_argument,
                 wrapper,
                 on_stdout_record,
+                key,
             )
+        except PassphraseError:
+            if key is None or own_key is not None:
+                raise
+            # Removed from the repository (`restic key remove`), or the repository at
+            # the location is another: the passphrase opens it as before the key was made.
+            logger.warning(
+                "homesafe's own key %s no longer opens repository %r: forgotten; the "
+                "passphrase opens it (each restic call derives its key again, ~0.5 s)",
+                key.key_id[:8],
+                repository.name,
+            )
+            restic_key.forget(repository.name)
+            key = None
         except RepositoryLockedError as error:
             if time.monotonic() >= deadline:
                 raise RepositoryLockedError(
@@ -457,7 +497,9 @@ def run_restic(
                 ) from error
             if argv[1] != "unlock":
                 # Removes stale locks only: a live holder's lock stays.
-                _run_restic_once(repository, unlock_argv(repository), (0,), None, None, (), None)
+                _run_restic_once(
+                    repository, unlock_argv(repository), (0,), None, None, (), None, (), None, key
+                )
             time.sleep(min(LOCK_RETRY_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
@@ -496,11 +538,17 @@ def _run_restic_once(
     replace_argument: str | None,
     wrapper: Sequence[str] = (),
     on_stdout_record: execute.JsonRecordCallback | None = None,
+    key: OwnKey | None = None,
 ) -> execute.Completed:
     removed = ["RESTIC_PASSWORD", "RESTIC_PASSWORD_COMMAND", "RESTIC_PASSWORD_FILE"]
     if repository.passphrase_environment:
         removed.append(repository.passphrase_environment)
-    with password_pipes(repository, extra_secrets) as (environment, fds, secrets, paths):
+    if key is not None:
+        # restic tries the hinted key first; without the hint it may try the
+        # passphrase's (half a second) before it. Before -r: after the subcommand's words.
+        position = argv.index("-r")
+        argv = [*argv[:position], "--key-hint", key.key_id, *argv[position:]]
+    with password_pipes(repository, extra_secrets, key) as (environment, fds, secrets, paths):
         if on_stdout_record is not None:
             environment["RESTIC_PROGRESS_FPS"] = PROGRESS_FPS_SHOWN
         if replace_argument is not None:
@@ -630,9 +678,45 @@ class ResticEngine:
         return True
 
     def initialize(self, repository: Repository) -> None:
-        run_restic(repository, init_argv(repository))
+        run_restic(repository, init_argv(repository), with_passphrase=True)
         # A new repository holds no snapshot: its first backup needs no listing.
         remember_listing(repository, [])
+        self.attach(repository)
+
+    def attach(self, repository: Repository) -> None:
+        """Give homesafe a key of its own to the repository
+        (:mod:`homesafe.engines.restic_key`) when its passphrase is kept in a file and
+        homesafe has none there yet. A key that cannot be made or written, or that
+        restic does not accept, is logged and left out: the passphrase still opens the
+        repository."""
+        if not restic_key.wanted(repository) or restic_key.load(repository) is not None:
+            return
+        try:
+            master_key = run_restic(
+                repository, cat_masterkey_argv(repository), with_passphrase=True
+            ).stdout
+            self._add_own_key(repository, master_key)
+        except (EngineError, OSError) as error:
+            logger.warning(
+                "homesafe could not add a key of its own to repository %r (%s); the "
+                "passphrase opens it, at the cost of a key derivation (~0.5 s) per call",
+                repository.name,
+                error,
+            )
+
+    def _add_own_key(self, repository: Repository, master_key: str) -> OwnKey:
+        """Write a new own key into the repository, check that restic opens the
+        repository with it, and keep its password (only then)."""
+        key, content = restic_key.new_key(repository, master_key)
+        restic_key.put(repository, key.key_id, content)
+        try:
+            run_restic(repository, cat_config_argv(repository), own_key=key)
+        except BaseException:
+            with suppress(EngineError, OSError):
+                restic_key.delete(repository, key.key_id)
+            raise
+        restic_key.save(repository, key)
+        return key
 
     def snapshots(self, repository: Repository) -> list[dict[str, Any]]:
         """Every snapshot as restic describes it, oldest first."""
@@ -853,10 +937,11 @@ class ResticEngine:
             os.replace(partial, file)
 
     def export_key(self, repository: Repository) -> str:
-        """The key file restic opened the repository with (JSON, encrypted by the
-        passphrase): with it, the passphrase opens the repository even if its keys/
-        directory is lost."""
-        keys = json.loads(run_restic(repository, key_list_argv(repository)).stdout or "[]")
+        """The key file the passphrase opens (JSON, encrypted by the passphrase): with
+        it, the passphrase opens the repository even if its keys/ directory is lost."""
+        keys = json.loads(
+            run_restic(repository, key_list_argv(repository), with_passphrase=True).stdout or "[]"
+        )
         current = next((key for key in keys if key.get("current")), None)
         if current is None:
             raise EngineError(f"restic did not say which key opens {repository.name!r}")
@@ -976,13 +1061,48 @@ class ResticEngine:
         )
 
     def change_passphrase(self, repository: Repository, new_passphrase: str) -> None:
+        """``restic key passwd`` on the passphrase's key; then homesafe's own key, if it
+        has one, is replaced by a new one under a new password, so that a change made
+        because secrets leaked leaves no old password that opens the repository."""
         marker = "\0new-password-file\0"
         run_restic(
             repository,
             key_passwd_argv(repository, marker),
             extra_secrets=[new_passphrase],
             replace_argument=marker,
+            with_passphrase=True,
         )
+        old = restic_key.load(repository)
+        if old is not None:
+            self._replace_own_key(repository, old)
+
+    def _replace_own_key(self, repository: Repository, old: OwnKey) -> None:
+        """A new own key in place of ``old``. The passphrase has changed by now: a
+        failure here is logged, not raised, for the caller to keep the new passphrase;
+        the old key still opens the repository until it is removed."""
+        try:
+            master_key = run_restic(repository, cat_masterkey_argv(repository), own_key=old).stdout
+            new = self._add_own_key(repository, master_key)
+        except (EngineError, OSError) as error:
+            logger.warning(
+                "homesafe kept its own key %s to repository %r: no new one could be made (%s)",
+                old.key_id[:8],
+                repository.name,
+                error,
+            )
+            return
+        try:
+            # restic refuses to remove the key it was opened with: opened with the new one.
+            run_restic(repository, key_remove_argv(repository, old.key_id), own_key=new)
+        except EngineError as error:
+            logger.warning(
+                "homesafe's former key %s is still in repository %r (%s): `restic key "
+                "remove %s` removes it",
+                old.key_id[:8],
+                repository.name,
+                error,
+                old.key_id,
+            )
 
     def break_lock(self, repository: Repository) -> None:
         run_restic(repository, unlock_argv(repository, remove_all=True))
