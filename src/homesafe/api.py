@@ -599,6 +599,10 @@ def backup_apps(
         targets = _usable_destinations(targets, result) if len(targets) > 1 else targets
         _ensure_repository(targets[0])
         targets[0].passphrase()
+        for target in targets:
+            # Before any service is stopped. restic: homesafe's own key, for a repository
+            # registered before homesafe made them (at most once: then it is there).
+            engine_for(target.engine).attach(target)
     settings = {app.id: state.read_settings(app.manifest.settings) for app in selected}
     # A handler reads the live paths; else copies can be read where root allows it
     # (found out only when an app needs it: None).

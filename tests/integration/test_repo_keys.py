@@ -213,6 +213,8 @@ def test_repo_list_show_and_remove(homesafe_env: Path, app: Path, tmp_path: Path
     ]
     assert homesafe("backup", "--repo", "two").returncode == 0
     shown = json.loads(homesafe("repo", "show", "two", "--json").stdout)
+    own = restic_key.load(repositories.get("two"))
+    assert own is not None and shown["homesafe_key"] == own.key_id
     assert shown["archive_count"] == 1
     assert shown["last_archive_time"].startswith("20")
     assert shown["stored_size"] > 0

@@ -163,7 +163,7 @@ def test_restic_opens_the_repository_with_homesafes_own_key_and_homesafe_uses_on
     assert not secret.exists()
 
 
-def test_a_key_gone_from_the_repository_is_forgotten_and_the_passphrase_opens_it(
+def test_a_key_gone_from_the_repository_is_declined_and_the_passphrase_opens_it(
     request: pytest.FixtureRequest,
     homesafe_env: Path,
     app: Path,
@@ -182,10 +182,57 @@ def test_a_key_gone_from_the_repository_is_forgotten_and_the_passphrase_opens_it
     assert result.status == "ok", result.to_dict()
     assert "no longer opens repository 'offsite'" in caplog.text
     assert restic_key.load(repository) is None
-    assert not restic_key.secret_file("offsite").exists()
+    assert key.password not in restic_key.secret_file("offsite").read_text()
+    # Whoever removed it meant it: the next backup makes no new one.
     calls = EngineCalls(tmp_path / "calls", monkeypatch)
-    assert api.list_archives(repository=repository)
+    assert api.backup_apps(repository=repository).status == "ok"
+    assert calls.commands("restic") == ["backup"]
     assert all("--key-hint" not in call for call in calls.all())
+    assert len(list((tmp_path / "repository/keys").iterdir())) == 1
+
+
+def test_a_repository_registered_without_one_gets_it_at_its_next_backup(
+    homesafe_env: Path, app: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restic repository registered before homesafe made its own keys."""
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    passphrase.chmod(0o600)
+    initialized = subprocess.run(
+        ["restic", "init", "-q", "-r", str(tmp_path / "repository")],
+        env={**os.environ, "RESTIC_PASSWORD_FILE": str(passphrase)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert initialized.returncode == 0, initialized.stderr
+    repositories.register(
+        Repository(
+            name="offsite",
+            location=str(tmp_path / "repository"),
+            engine="restic",
+            encryption=repositories.DEFAULT_ENCRYPTIONS["restic"],
+            passphrase_file=passphrase,
+            compression=repositories.DEFAULT_COMPRESSIONS["restic"],
+        )
+    )
+    repository = repositories.get("offsite")
+    calls = EngineCalls(tmp_path / "calls", monkeypatch)
+
+    assert api.backup_apps(repository=repository).status == "ok"
+
+    key = restic_key.load(repository)
+    assert key is not None
+    # The master key read with the passphrase, the new key tried, then the backup with it
+    # (after a listing: homesafe has no record of the repository's snapshots).
+    assert calls.commands("restic") == ["cat", "cat", "snapshots", "backup"]
+    first, *later = calls.all()
+    assert "--key-hint" not in first
+    for call in later:
+        assert call[call.index("--key-hint") + 1] == key.key_id, call
+    calls.clear()
+    assert api.backup_apps(repository=repository).status == "ok"
+    assert calls.commands("restic") == ["backup"]
 
 
 def test_a_passphrase_change_replaces_homesafes_own_key(

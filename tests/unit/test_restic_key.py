@@ -69,6 +69,24 @@ def test_the_password_is_kept_0600_and_read_back_for_its_location_only(
     assert restic_key.load(repository) is None
 
 
+def test_a_declined_key_is_remembered_without_its_password(
+    homesafe_env: Path, tmp_path: Path
+) -> None:
+    repository = restic_repository(tmp_path)
+    restic_key.save(
+        repository, restic_key.OwnKey("ab" * 32, "a random password", repository.location)
+    )
+
+    restic_key.decline(repository)
+
+    assert restic_key.load(repository) is None
+    assert restic_key.declined(repository)
+    assert "a random password" not in restic_key.secret_file("offsite").read_text()
+    assert not restic_key.declined(restic_repository(tmp_path, location="/elsewhere"))
+    restic_key.forget("offsite")
+    assert not restic_key.declined(repository)
+
+
 def test_a_sealed_key_file_holds_cheap_parameters_and_the_sealed_master_key(
     homesafe_env: Path, tmp_path: Path
 ) -> None:

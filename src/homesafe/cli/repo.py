@@ -269,16 +269,25 @@ def list_command(as_json: bool) -> None:
 def show_command(name: str, as_json: bool) -> None:
     """Show a repository: where it is, its size, archive count and last backup."""
     from homesafe import api, repositories
+    from homesafe.engines import restic_key
 
     repository = repositories.get(name)
     info = api.repository_info(repository)
+    own_key = restic_key.load(repository)
     document = {**_record(repository), **info.to_dict()}
+    if repository.engine == "restic":
+        document["homesafe_key"] = own_key.key_id if own_key else None
     if as_json:
         print_json(document)
         return
     out = console()
     out.print(f"[bold]{repository.name}[/] ({repository.engine}) at {repository.location}")
     out.print(f"  encryption: {info.encryption}; passphrase from {repository.passphrase_source()}")
+    if own_key is not None:
+        out.print(
+            f"  opened with homesafe's own key {own_key.key_id[:8]} "
+            f"({restic_key.secret_file(repository.name)})"
+        )
     out.print(
         f"  {info.archive_count} archive(s), last {info.last_archive_time or 'never'}; "
         f"{human_size(info.stored_size)} stored for {human_size(info.original_size)} of data"

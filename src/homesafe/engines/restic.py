@@ -481,12 +481,13 @@ def run_restic(
             # Removed from the repository (`restic key remove`), or the repository at
             # the location is another: the passphrase opens it as before the key was made.
             logger.warning(
-                "homesafe's own key %s no longer opens repository %r: forgotten; the "
-                "passphrase opens it (each restic call derives its key again, ~0.5 s)",
+                "homesafe's own key %s no longer opens repository %r: forgotten, and none "
+                "is made again until the repository is added again; the passphrase opens "
+                "it (each restic call derives its key again, ~0.5 s)",
                 key.key_id[:8],
                 repository.name,
             )
-            restic_key.forget(repository.name)
+            restic_key.decline(repository)
             key = None
         except RepositoryLockedError as error:
             if time.monotonic() >= deadline:
@@ -686,10 +687,14 @@ class ResticEngine:
     def attach(self, repository: Repository) -> None:
         """Give homesafe a key of its own to the repository
         (:mod:`homesafe.engines.restic_key`) when its passphrase is kept in a file and
-        homesafe has none there yet. A key that cannot be made or written, or that
-        restic does not accept, is logged and left out: the passphrase still opens the
-        repository."""
-        if not restic_key.wanted(repository) or restic_key.load(repository) is not None:
+        homesafe has none there yet, nor was refused one. A key that cannot be made or
+        written, or that restic does not accept, is logged and left out: the passphrase
+        still opens the repository (and the next backup tries again)."""
+        if (
+            not restic_key.wanted(repository)
+            or restic_key.load(repository) is not None
+            or restic_key.declined(repository)
+        ):
             return
         try:
             master_key = run_restic(

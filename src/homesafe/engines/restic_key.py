@@ -79,35 +79,56 @@ def secret_file(name: str) -> Path:
     return locations.home() / "secrets" / f"{name}.restic-key"
 
 
-def load(repository: Repository) -> OwnKey | None:
-    """homesafe's key to ``repository``, or None when it has none (or one made for a
-    repository of the same name at another location)."""
+def _record(repository: Repository) -> dict[str, object] | None:
+    """What ``secrets/<name>.restic-key`` says of ``repository``: None when there is no
+    such file, or it speaks of a repository of the same name at another location."""
     if not wanted(repository):
         return None
     try:
         recorded = json.loads(secret_file(repository.name).read_text())
     except (FileNotFoundError, ValueError):
         return None
+    if not isinstance(recorded, dict) or recorded.get("location") != repository.location:
+        return None
+    return recorded
+
+
+def load(repository: Repository) -> OwnKey | None:
+    """homesafe's key to ``repository``, or None when it has none."""
+    recorded = _record(repository) or {}
     key = OwnKey(
         key_id=str(recorded.get("key_id", "")),
         password=str(recorded.get("password", "")),
         location=str(recorded.get("location", "")),
     )
-    if key.location != repository.location or not key.key_id or not key.password:
-        return None
-    return key
+    return key if key.key_id and key.password else None
+
+
+def declined(repository: Repository) -> bool:
+    """Whether restic refused homesafe's key to ``repository`` (see :func:`decline`)."""
+    return bool((_record(repository) or {}).get("declined"))
 
 
 def save(repository: Repository, key: OwnKey) -> None:
-    record = {"location": key.location, "key_id": key.key_id, "password": key.password}
+    _write(repository, {"location": key.location, "key_id": key.key_id, "password": key.password})
+
+
+def _write(repository: Repository, record: dict[str, object]) -> None:
     locations.secrets_directory()  # made 0700 if missing
     locations.write_secret_file(secret_file(repository.name), json.dumps(record) + "\n")
 
 
 def forget(name: str) -> None:
-    """Drop the password of homesafe's key to the repository ``name`` (the key itself, in
-    the repository, opens nothing without it)."""
+    """Drop what homesafe keeps of its key to the repository ``name`` (the key itself, in
+    the repository, opens nothing without the password)."""
     secret_file(name).unlink(missing_ok=True)
+
+
+def decline(repository: Repository) -> None:
+    """Drop the password of a key restic no longer accepts (someone removed it with
+    ``restic key remove``, or another repository is at the location now), and remember
+    that: no new key is made for the repository until it is registered again."""
+    _write(repository, {"location": repository.location, "declined": True})
 
 
 def new_key(repository: Repository, master_key: str) -> tuple[OwnKey, bytes]:
