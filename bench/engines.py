@@ -26,7 +26,9 @@ passphrase pipe, started earlier. homesafe opens its restic repository with its 
 the raw side opens its copy with the passphrase, as restic typed by hand does, and pays
 restic's calibrated derivation (~0.5 s) each call: that is most of homesafe's lead on
 restic. The copy holds homesafe's key too; restic tries it first or not, at a millisecond's
-cost either way. The two sides alternate who goes
+cost either way. Likewise borg runs its self-tests (~0.05 s) in every raw call, and in
+homesafe's only in its first call after borg changed and once a day
+(``homesafe.engines.borg``, ``BORG_SELFTEST``). The two sides alternate who goes
 first, and each figure is the median of ``--repeats`` runs of the whole sequence (new
 repositories each time). Caches are warm; dirty pages are written out (``sync``,
 untimed) before each timed command. Beside the ratio of the medians, ``paired`` is the

@@ -67,7 +67,12 @@ PASSPHRASE_NAMES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE"
 # BORG_* names that borg 1.2 and 1.4 read only once they run, not on import: they may
 # differ between the environment the interpreter started with and the call's.
 RUN_TIME_NAMES = frozenset(
-    {"BORG_PASSPHRASE_FD", "BORG_RSH", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"}
+    {
+        "BORG_PASSPHRASE_FD",
+        "BORG_RSH",
+        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK",
+        "BORG_SELFTEST",
+    }
     | set(PASSPHRASE_NAMES)
 )
 START_UP_NAMES = frozenset({"HOME", "LANG", "LANGUAGE", "LD_LIBRARY_PATH", "LD_PRELOAD", "TMPDIR"})

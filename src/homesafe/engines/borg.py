@@ -21,6 +21,13 @@ taken by ``borg serve`` on the server, which removes a lock of a dead process of
 host itself; a lock of another host (one sharing the repository's disk, or a server
 renamed) cannot be proven dead from here or there: the error says so and names
 ``homesafe repo break-lock``, which the user runs once sure nothing uses the repository.
+
+Self-tests: borg runs 33 unit tests of its compiled parts (hash index, crypto, chunker)
+at the start of every command, ~0.05 s of an unchanged backup's ~0.4 s. Its
+documentation allows switching them off (``BORG_SELFTEST=disabled``) "after at least
+doing a one-time test borg (with selftests not disabled) when installing or upgrading".
+homesafe lets them run in its first borg call after the borg binary changed, and again
+once a day (:data:`SELFTEST_INTERVAL_SECONDS`); the other calls go without them.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ from homesafe.repositories import Repository, classify_ssh_failure, diagnose_ssh
 
 BORG = "borg"
 BORG_WARNING = 1
+# How long a pass of borg's self-tests stands for the calls after it (see above).
+SELFTEST_INTERVAL_SECONDS = 24 * 3600
 # The most `borg extract` calls of one restore made side by side (each is a process of
 # some 100 MB, and each reads the archive's metadata in full).
 MAX_EXTRACT_CONCURRENCY = 4
@@ -119,8 +128,9 @@ HINTS: dict[type[EngineError], str] = {
 }
 
 
-def version() -> tuple[int, int, int]:
-    """The installed borg's version, cached per binary (a borg call costs ~0.3 s)."""
+def _binary_stamp() -> str:
+    """The borg on PATH, as its real path and modification time (a new borg, or the same
+    one reinstalled, has another)."""
     binary = shutil.which(BORG)
     if binary is None:
         raise EngineError(
@@ -128,14 +138,31 @@ def version() -> tuple[int, int, int]:
             hint="Install it with `apt-get install borgbackup` (or run `make demo`).",
         )
     real = os.path.realpath(binary)
-    stamp = f"{real}:{os.stat(real).st_mtime_ns}"
-    cache = locations.home() / "borg-version.json"
+    return f"{real}:{os.stat(real).st_mtime_ns}"
+
+
+def _version_file() -> Path:
+    return locations.home() / "borg-version.json"
+
+
+def _cached(stamp: str) -> dict[str, Any] | None:
+    """What ``borg-version.json`` keeps of the borg with ``stamp``: its version and when
+    it last passed its self-tests; None for another borg or no file."""
     try:
-        cached = json.loads(cache.read_text())
-        if cached.get("binary") == stamp:
-            major, minor, patch = cached["version"]
-            return (int(major), int(minor), int(patch))
-    except (OSError, ValueError, KeyError, TypeError):
+        cached = json.loads(_version_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return cached if isinstance(cached, dict) and cached.get("binary") == stamp else None
+
+
+def version() -> tuple[int, int, int]:
+    """The installed borg's version, cached per binary (a borg call costs ~0.3 s)."""
+    stamp = _binary_stamp()
+    cache = _version_file()
+    try:
+        major, minor, patch = (_cached(stamp) or {})["version"]
+        return (int(major), int(minor), int(patch))
+    except (KeyError, TypeError, ValueError):
         pass
     output = execute.run([BORG, "--version"], timeout=60).stdout
     match = re.search(r"(\d+)\.(\d+)\.(\d+)", output)
@@ -146,10 +173,37 @@ def version() -> tuple[int, int, int]:
         raise EngineError(f"borg {'.'.join(map(str, found))} is not supported; use 1.2 or 1.4")
     try:
         locations.ensure_home()
-        cache.write_text(json.dumps({"binary": stamp, "version": found}))
+        # A pass of the self-tests noted before the version is kept.
+        cache.write_text(json.dumps({**(_cached(stamp) or {}), "binary": stamp, "version": found}))
     except OSError:
         pass
     return found
+
+
+def selftest_environment() -> dict[str, str]:
+    """``BORG_SELFTEST=disabled`` when this borg passed its self-tests in a homesafe call
+    less than :data:`SELFTEST_INTERVAL_SECONDS` ago; else nothing: they run."""
+    try:
+        passed = float((_cached(_binary_stamp()) or {}).get("selftest_passed", 0))
+    except (TypeError, ValueError):
+        return {}
+    if 0 <= time.time() - passed < SELFTEST_INTERVAL_SECONDS:
+        return {"BORG_SELFTEST": "disabled"}
+    return {}
+
+
+def _remember_selftest_passed() -> None:
+    """Note that the borg on PATH passed its self-tests now (a call that ran them ended
+    well: borg exits 2 when they fail). Best effort: unnoted, they run again."""
+    try:
+        stamp = _binary_stamp()
+        cached = {**(_cached(stamp) or {}), "binary": stamp, "selftest_passed": time.time()}
+        file = _version_file()
+        partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(cached))
+        os.replace(partial, file)
+    except (OSError, EngineError):
+        pass
 
 
 def has_feature(feature: str) -> bool:
@@ -500,11 +554,12 @@ def _run_borg_once(
         )
         if name and name not in extra_environment
     ]
+    selftest = selftest_environment()
     with passphrase_pipe(repository) as (environment, fds, secrets):
         try:
-            return execute.run(
+            completed = execute.run(
                 argv,
-                environment={**environment, **extra_environment},
+                environment={**environment, **selftest, **extra_environment},
                 remove_environment=removed,
                 pass_fds=fds,
                 secrets=[*secrets, *extra_secrets],
@@ -515,6 +570,9 @@ def _run_borg_once(
             )
         except CommandError as error:
             raise classify(error, repository) from error
+    if not selftest:
+        _remember_selftest_passed()
+    return completed
 
 
 def borg_host_id() -> str:
