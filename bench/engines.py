@@ -17,7 +17,7 @@ homesafe runs, with the same options, into a repository of its own (``borg creat
 --compression zstd,3``; ``restic backup --compression auto``; ``borg extract``;
 ``restic restore``); a raw restic repository starts as a copy of homesafe's, just
 initialized, so that both derive their key at the same cost (restic calibrates it anew
-at each ``init``). The app declares one directory: from 512 MiB on, homesafe's borg
+at each ``init``). The app declares one directory: from 128 MiB on, homesafe's borg
 restore shares its entries out between ``borg extract`` calls side by side, where the
 raw side runs one. homesafe's first borg call runs in a borg interpreter started when
 homesafe starts (``homesafe.prestart``): the same borg script, argv, environment and

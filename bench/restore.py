@@ -24,9 +24,8 @@ everything homesafe does around borg, the borg calls, process exit):
   targets, verifies it, renames the damaged paths aside and the staged ones into place,
   then removes the damaged copies: that removal is part of its time. homesafe runs up
   to one ``borg extract`` per core side by side, each with a share of the apps'
-  declared paths (by default the large app declares three directories, each under the
-  512 MiB from which a directory is shared out by its entries; one directory of 512 MiB
-  or more is shared out by its three entries, then extracted itself by a last call);
+  declared paths (by default the large app declares three directories; one of 128 MiB
+  or more is shared out by its entries, then extracted itself by a last call);
   the raw extracts are one ``borg extract``, as a user would type it.
 * **raw extract after damage**: ``borg extract`` of the same archive, every path, into
   an *empty* directory on the same filesystem, with what homesafe gives borg: the same

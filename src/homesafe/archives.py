@@ -380,8 +380,10 @@ RECORDS_KEPT = 20
 # extract them side by side (see homesafe.restore.plan_extractions). Each call names the
 # children it takes, and the last one those it leaves, to the engine (borg: as one
 # regular expression, one argument, which Linux caps at 128 KiB): hence the caps on
-# their number and on their names' length.
-SPLIT_DIRECTORY_MIN_BYTES = 512 * 1024 * 1024
+# their number and on their names' length. Two calls of 64 MiB (PARALLEL_EXTRACTION_MIN_BYTES)
+# each pay borg's start-up (~0.1 s of CPU without its self-tests) and gain more: a
+# 200 MB directory restored in 1.33 s, not 1.56 s (2 cores).
+SPLIT_DIRECTORY_MIN_BYTES = 128 * 1024 * 1024
 SPLIT_CHILDREN_MAX = 1000
 SPLIT_NAMES_MAX_BYTES = 32 * 1024
 
