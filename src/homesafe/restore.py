@@ -807,8 +807,15 @@ def remove_detached(areas: list[StagingArea]) -> None:
     it lives; only then does it tell this process, which closes its own entries for
     them. Killed at any point, one of the two journals still names every area and
     recovery removes it. When the hand-over fails, the areas are removed here.
+
+    An area holding at most SMALL_AREA_ENTRIES entries (a restore into paths where
+    nothing was, whose staged copies all went into place) is removed here: that costs
+    less than the hand-over (~10 ms: two forks and a journal).
     """
     areas = [area for area in areas if area.root is not None]
+    for area in [area for area in areas if holds_few_entries(area.root)]:
+        area.remove()
+        areas.remove(area)
     if not areas:
         return
     roots = [str(area.root) for area in areas]
@@ -839,6 +846,28 @@ def remove_detached(areas: list[StagingArea]) -> None:
 
 
 REMOVER_READY = b"1"
+SMALL_AREA_ENTRIES = 64
+
+
+def holds_few_entries(root: Path | None, limit: int = SMALL_AREA_ENTRIES) -> bool:
+    """Whether the tree at ``root`` holds at most ``limit`` entries (links not followed;
+    the walk stops as soon as it finds more)."""
+    if root is None:
+        return True
+    count = 0
+    pending = [str(root)]
+    try:
+        while pending:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    count += 1
+                    if count > limit:
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+    except OSError:
+        return False  # the detached remover copes with what cannot be read
+    return True
 
 
 def _remove_in_child(roots: list[str], read_end: int, write_end: int) -> None:

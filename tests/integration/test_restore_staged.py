@@ -23,7 +23,15 @@ from tests.conftest import (
     requires_root,
 )
 from tests.integration.test_roundtrip import snapshot_tree
-from tests.support.apps import command_service, describe, errors_of, lockdown_flags, sh, to_toml
+from tests.support.apps import (
+    command_service,
+    describe,
+    errors_of,
+    lockdown_flags,
+    make_tree,
+    sh,
+    to_toml,
+)
 
 pytestmark = requires_program("borg")
 REAL_BORG = shutil.which("borg") or "/usr/bin/borg"
@@ -119,6 +127,8 @@ def test_replaced_copies_are_removed_by_a_detached_process(
     the replaced copies go with their staging area, removed by a process of its own
     that journals them while it works and leaves nothing behind."""
     base = write_app(write_manifest, homesafe_env / "srv", "detached")
+    # More than a small area's entries: a few are removed in place (the test below).
+    make_tree(base / "data/many", {f"f{number}": "x" for number in range(100)})
     before = snapshot_tree(base)
     backup = api.backup_apps()
     change_everything(base)
@@ -135,6 +145,25 @@ def test_replaced_copies_are_removed_by_a_detached_process(
         time.sleep(0.05)
     assert not any(base.parent.rglob(f"{restore.STAGING_PREFIX}*"))
     assert snapshot_tree(base) == before
+
+
+def test_a_staging_area_of_few_entries_is_removed_before_the_restore_returns(
+    homesafe_env: Path, write_manifest: ManifestWriter
+) -> None:
+    """Handing a handful of entries to a detached remover costs more than removing
+    them (restore.SMALL_AREA_ENTRIES): they are gone, journal and all, on return."""
+    base = write_app(write_manifest, homesafe_env / "srv", "small")
+    before = snapshot_tree(base)
+    backup = api.backup_apps()
+    change_everything(base)
+
+    result = api.restore_apps(backup.archive, remove_in_background=True)
+
+    assert result.status == "ok", describe(result)
+    assert snapshot_tree(base) == before
+    assert list((homesafe_env / "home/tmp").iterdir()) == []
+    journals = homesafe_env / "home/journal"
+    assert not journals.is_dir() or list(journals.iterdir()) == []
 
 
 def test_a_path_missing_at_backup_time_is_missing_after_restore(

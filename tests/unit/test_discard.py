@@ -68,3 +68,18 @@ def test_discard_leaves_what_it_cannot_remove_and_raises_nothing(tmp_path: Path)
         assert remaining == ["stuck", "stuck/immutable"]
     finally:
         subprocess.run(["chattr", "-i", str(tree / "stuck/immutable")], check=True)
+
+
+def test_holds_few_entries_counts_every_entry_below_and_stops_past_the_limit(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a/b").mkdir(parents=True)
+    for number in range(3):
+        (tmp_path / "a/b" / f"f{number}").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # counted, not followed
+
+    # a, a/b, three files, link: 6 entries
+    assert restore.holds_few_entries(tmp_path, limit=6)
+    assert not restore.holds_few_entries(tmp_path, limit=5)
+    assert restore.holds_few_entries(tmp_path / "a/b", limit=3)
+    assert not restore.holds_few_entries(tmp_path / "missing")
