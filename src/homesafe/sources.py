@@ -39,6 +39,9 @@ class NotAnArchiveError(HomesafeError):
 
 class ArchiveSource(Protocol):
     label: str
+    # Read over a network: each engine call opens a connection and starts the engine's
+    # server there (see homesafe.restore.stage).
+    remote: bool
 
     @property
     def extract_concurrency(self) -> int:
@@ -96,6 +99,7 @@ class EngineSource:
         self.archive_name = archive_name
         self.engine = engine_for(repository.engine)
         self.label = f"archive {archive_name!r}"
+        self.remote = repository.is_remote
 
     @property
     def extract_concurrency(self) -> int:
@@ -275,6 +279,7 @@ class TarSource:
         self.file = file
         self.label = f"tar file {file}"
         self.extract_concurrency = 1  # one pass through the tar file
+        self.remote = False
         if not file.is_file():
             raise HomesafeError(f"{file} does not exist or is not a file")
         self.tar_path = file

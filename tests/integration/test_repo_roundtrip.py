@@ -530,3 +530,36 @@ def test_a_scheduled_run_lists_once_backs_up_once_and_prunes_from_that_listing(
     assert second.pruned == [first.backup["archive"]]
     assert calls.commands(repository.engine) == [listing, backup, *deletion]
     assert [archive.name for archive in api.list_archives(repository)] == [second.backup["archive"]]
+
+
+@pytest.mark.parametrize("remote_minimum", [None, 1], ids=["default", "one-byte"])
+def test_a_restore_over_ssh_shares_out_only_what_pays_for_another_connection(
+    make_repository: MakeRepository,
+    two_apps: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    remote_minimum: int | None,
+) -> None:
+    """Each `borg extract` over ssh opens a connection and starts `borg serve`: where
+    calls on a local repository would share the apps out (any size, here), one over
+    ssh takes them all unless each call gets REMOTE_PARALLEL_EXTRACTION_MIN_BYTES."""
+    from homesafe import restore
+    from homesafe.engines import engine_for
+
+    if engine_for("borg").extract_concurrency < 2:
+        pytest.skip("one core: nothing is extracted side by side")
+    monkeypatch.setattr(restore, "PARALLEL_EXTRACTION_MIN_BYTES", 1)
+    if remote_minimum is not None:
+        monkeypatch.setattr(restore, "REMOTE_PARALLEL_EXTRACTION_MIN_BYTES", remote_minimum)
+    repository = make_repository("borg-ssh")
+    backup = api.backup_apps(repository=repository)
+    assert backup.status == "ok", backup.to_dict()
+    calls = EngineCalls(tmp_path / "calls", monkeypatch)
+    target = tmp_path / "target"
+    target.mkdir()
+
+    restored = api.restore_apps(backup.archive, repository=repository, target_root=target)
+
+    assert restored.status == "ok", restored.to_dict()
+    extractions = calls.commands("borg").count("extract")
+    assert (extractions == 1) if remote_minimum is None else (extractions > 1)

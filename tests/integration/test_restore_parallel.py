@@ -47,6 +47,7 @@ CALLS = 3
 @pytest.fixture(autouse=True)
 def split_extractions(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(restore, "PARALLEL_EXTRACTION_MIN_BYTES", 1)
+    monkeypatch.setattr(restore, "REMOTE_PARALLEL_EXTRACTION_MIN_BYTES", 1)
     monkeypatch.setattr(BorgEngine, "extract_concurrency", CALLS)
 
 
