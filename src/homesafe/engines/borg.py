@@ -41,7 +41,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,6 @@ def _cached(stamp: str) -> dict[str, Any] | None:
 def version() -> tuple[int, int, int]:
     """The installed borg's version, cached per binary (a borg call costs ~0.3 s)."""
     stamp = _binary_stamp()
-    cache = _version_file()
     try:
         major, minor, patch = (_cached(stamp) or {})["version"]
         return (int(major), int(minor), int(patch))
@@ -173,8 +172,7 @@ def version() -> tuple[int, int, int]:
         raise EngineError(f"borg {'.'.join(map(str, found))} is not supported; use 1.2 or 1.4")
     try:
         locations.ensure_home()
-        # A pass of the self-tests noted before the version is kept.
-        cache.write_text(json.dumps({**(_cached(stamp) or {}), "binary": stamp, "version": found}))
+        _note(stamp, version=found)
     except OSError:
         pass
     return found
@@ -195,15 +193,18 @@ def selftest_environment() -> dict[str, str]:
 def _remember_selftest_passed() -> None:
     """Note that the borg on PATH passed its self-tests now (a call that ran them ended
     well: borg exits 2 when they fail). Best effort: unnoted, they run again."""
-    try:
-        stamp = _binary_stamp()
-        cached = {**(_cached(stamp) or {}), "binary": stamp, "selftest_passed": time.time()}
-        file = _version_file()
-        partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(cached))
-        os.replace(partial, file)
-    except (OSError, EngineError):
-        pass
+    with suppress(OSError, EngineError):
+        _note(_binary_stamp(), selftest_passed=time.time())
+
+
+def _note(stamp: str, **facts: object) -> None:
+    """Add ``facts`` to what ``borg-version.json`` keeps of the borg with ``stamp`` (what
+    it kept of another borg goes). Written whole under a name of this process's and
+    renamed: calls side by side may note at once."""
+    file = _version_file()
+    partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps({**(_cached(stamp) or {}), "binary": stamp, **facts}))
+    os.replace(partial, file)
 
 
 def has_feature(feature: str) -> bool:
