@@ -499,7 +499,7 @@ def run_restic(
             if argv[1] != "unlock":
                 # Removes stale locks only: a live holder's lock stays.
                 _run_restic_once(
-                    repository, unlock_argv(repository), (0,), None, None, (), None, (), None, key
+                    repository, unlock_argv(repository), (0,), None, None, (), None, key=key
                 )
             time.sleep(min(LOCK_RETRY_SECONDS, max(0.0, deadline - time.monotonic())))
 

@@ -213,8 +213,8 @@ def put(repository: Repository, key_id: str, content: bytes) -> None:
     if location.kind == "local":
         _put_local(Path(location.path) / "keys", key_id, content)
     elif location.kind == "sftp":
-        remote = _quoted(_remote_key_path(location, key_id))
-        partial = _quoted(_remote_key_path(location, key_id) + ".tmp")
+        path = _remote_key_path(location, key_id)
+        remote, partial = _quoted(path), _quoted(path + ".tmp")
         with tempfile.NamedTemporaryFile(prefix="homesafe-key-") as local:
             local.write(content)
             local.flush()
@@ -237,19 +237,13 @@ def delete(repository: Repository, key_id: str) -> None:
 
 
 def _put_local(keys: Path, key_id: str, content: bytes) -> None:
-    """Written under a temporary name and renamed, with the mode restic gave the
-    repository's other key files (0400 unless the repository is shared)."""
+    """Written as a secret file is (0600, under a temporary name, renamed), then given
+    the mode restic gave the repository's other key files (0400 unless the repository
+    is shared)."""
     existing = [path for path in keys.iterdir() if not path.name.startswith(".")]
     mode = stat.S_IMODE(existing[0].stat().st_mode) if existing else 0o400
-    temporary = keys / f".{key_id}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(descriptor, content)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.chmod(temporary, mode)
-    os.replace(temporary, keys / key_id)
+    locations.write_secret_file(keys / key_id, content.decode())
+    os.chmod(keys / key_id, mode)
 
 
 def _remote_key_path(location: Location, key_id: str) -> str:
