@@ -99,6 +99,22 @@ def ssh_url(server: Sshd, scheme: str = "ssh", path: str = "/unused") -> str:
     return f"{scheme}://root@127.0.0.1:{server.port}{path}"
 
 
+def remote_location(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, scheme: str, path: Path
+) -> str:
+    """A repository location over ``scheme`` (ssh, sftp: ``path`` on this module's sshd,
+    homesafe's key authorized and the host key trusted; s3: a prefix of this test's own
+    on the module's SeaweedFS, its keys in the environment)."""
+    if scheme == "s3":
+        weed: SeaweedS3 = request.getfixturevalue("s3_server")
+        for variable, value in weed.environment().items():
+            monkeypatch.setenv(variable, value)
+        return weed.location("homesafe", request.node.name.replace("[", "-").strip("]"))
+    server: Sshd = request.getfixturevalue("sshd")
+    connect_ssh(server)
+    return ssh_url(server, scheme, str(path))
+
+
 MakeRepository = Callable[[str], Repository]
 
 
@@ -116,23 +132,13 @@ def make_repository(
         template, passphrase = restic_template
         name = kind.replace("-", "")
         directory = tmp_path / f"{name}-repository"
+        if kind in ("restic-local", "restic-sftp"):
+            shutil.copytree(template, directory)
         if kind == "restic-local":
-            shutil.copytree(template, directory)
             location = str(directory)
-        elif kind == "restic-sftp":
-            server: Sshd = request.getfixturevalue("sshd")
-            shutil.copytree(template, directory)
-            connect_ssh(server)
-            location = ssh_url(server, "sftp", str(directory))
-        elif kind == "restic-s3":
-            weed: SeaweedS3 = request.getfixturevalue("s3_server")
-            for variable, value in weed.environment().items():
-                monkeypatch.setenv(variable, value)
-            location = weed.location("homesafe", request.node.name.replace("[", "-").strip("]"))
         else:
-            server = request.getfixturevalue("sshd")
-            connect_ssh(server)
-            location = ssh_url(server, "ssh", str(directory))
+            scheme = {"restic-sftp": "sftp", "restic-s3": "s3", "borg-ssh": "ssh"}[kind]
+            location = remote_location(request, monkeypatch, scheme, directory)
         engine = kind.split("-")[0]
         repository = Repository(
             name=name,

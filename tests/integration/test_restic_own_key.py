@@ -19,15 +19,12 @@ from homesafe.engines import restic_key
 from homesafe.repositories import Repository
 from tests.conftest import ManifestWriter, requires_program
 from tests.integration.test_repo_roundtrip import (  # noqa: F401 (fixtures)
-    connect_ssh,
+    remote_location,
     s3_server,
-    ssh_url,
     sshd,
 )
 from tests.support.apps import make_tree, to_toml
 from tests.support.engine_calls import EngineCalls
-from tests.support.s3 import SeaweedS3
-from tests.support.sshd import Sshd
 
 pytestmark = [requires_program("restic")]
 
@@ -52,17 +49,9 @@ def add_repository(
     passphrase = tmp_path / "passphrase"
     passphrase.write_text(PASSPHRASE + "\n")
     passphrase.chmod(0o600)
-    if kind == "sftp":
-        server: Sshd = request.getfixturevalue("sshd")
-        connect_ssh(server)
-        location = ssh_url(server, "sftp", str(tmp_path / "repository"))
-    elif kind == "s3":
-        weed: SeaweedS3 = request.getfixturevalue("s3_server")
-        for variable, value in weed.environment().items():
-            monkeypatch.setenv(variable, value)
-        location = weed.location("homesafe", request.node.name.replace("[", "-").strip("]"))
-    else:
-        location = str(tmp_path / "repository")
+    location = str(tmp_path / "repository")
+    if kind != "local":
+        location = remote_location(request, monkeypatch, kind, tmp_path / "repository")
     repository = Repository(
         name="offsite",
         location=location,
