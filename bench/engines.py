@@ -28,7 +28,10 @@ restic's calibrated derivation (~0.5 s) each call: that is most of homesafe's le
 restic. The copy holds homesafe's key too; restic tries it first or not, at a millisecond's
 cost either way. Likewise borg runs its self-tests (~0.05 s) in every raw call, and in
 homesafe's only in its first call after borg changed and once a day
-(``homesafe.engines.borg``, ``BORG_SELFTEST``). The two sides alternate who goes
+(``homesafe.engines.borg``, ``BORG_SELFTEST``). Over ssh both sides use homesafe's key
+and known_hosts; the raw side leaves the cipher to ssh's default order (chacha20-poly1305
+first), as ``borg`` typed by hand does, where homesafe puts AES-GCM first on a CPU with
+AES instructions (``homesafe.repositories.ssh_options``). The two sides alternate who goes
 first, and each figure is the median of ``--repeats`` runs of the whole sequence (new
 repositories each time). Caches are warm; dirty pages are written out (``sync``,
 untimed) before each timed command. Beside the ratio of the medians, ``paired`` is the
@@ -219,7 +222,9 @@ class Target:
             "RESTIC_CACHE_DIR": str(self.work / "raw-restic-cache"),
         }
         if self.kind.endswith("ssh"):
-            self.raw_environment["BORG_RSH"] = shlex.join(["ssh", *repositories.ssh_options()])
+            self.raw_environment["BORG_RSH"] = shlex.join(
+                ["ssh", *repositories.ssh_access_options()]
+            )
         if self.engine == "borg":
             self.raw(["borg", "init", "--encryption", "repokey-blake2", self.location("raw")])
         else:

@@ -24,12 +24,14 @@ Remote locations reached over ssh use homesafe's own client key
 ``known_hosts``: host keys are trusted on first use only after the person confirmed the
 fingerprint (or gave it), and a changed host key stops everything. An unreachable host, a
 refused client key and a changed or unknown host key each have an error of their own.
+On a CPU with AES instructions, AES-GCM comes first among the ciphers ssh offers.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import json
 import os
 import re
@@ -504,10 +506,55 @@ def ensure_client_key() -> str:
     return key.with_name(key.name + ".pub").read_text().strip()
 
 
+# OpenSSH's own ciphers, AES-GCM first: ssh puts chacha20-poly1305 first because it is
+# fast and constant-time without hardware help; with AES instructions, AES-GCM is both,
+# and faster still (a 200 MB borg restore over ssh: ~0.1 s of CPU less on each side). Every
+# cipher of the default list stays in it, so any server ssh could reach, it still reaches.
+AES_FIRST_CIPHERS = (
+    "aes256-gcm@openssh.com",
+    "aes128-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+CPU_INFORMATION = Path("/proc/cpuinfo")
+
+
+@functools.cache
+def has_aes_instructions(cpu_information: Path = CPU_INFORMATION) -> bool:
+    """Whether this machine's CPU has AES instructions: ``aes`` among the flags (x86) or
+    features (ARM) that /proc/cpuinfo lists (its first CPU's); False where it cannot be
+    read. Read once a process: the kernel makes the file up anew at every read."""
+    try:
+        text = cpu_information.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            return "aes" in value.split()
+    return False
+
+
 def ssh_options() -> list[str]:
     """ssh options every remote call uses: homesafe's key and known_hosts only, never a
-    question (BatchMode), a changed or unknown host key refused. The key is made on
-    first use, so that a server that lacks it refuses it in the words of that case."""
+    question (BatchMode), a changed or unknown host key refused; AES-GCM preferred where
+    the CPU has AES instructions (:data:`AES_FIRST_CIPHERS`). The key is made on first
+    use, so that a server that lacks it refuses it in the words of that case."""
+    return [*ssh_access_options(), *ssh_tuning_options()]
+
+
+def ssh_tuning_options() -> list[str]:
+    """The ssh options homesafe adds for speed alone (see :func:`ssh_options`)."""
+    if not has_aes_instructions():
+        return []
+    return ["-o", "Ciphers=" + ",".join(AES_FIRST_CIPHERS)]
+
+
+def ssh_access_options() -> list[str]:
+    """The ssh options that reach a server as homesafe does (see :func:`ssh_options`):
+    its key and known_hosts, and no question ever asked."""
     ensure_client_key()
     return [
         "-i",

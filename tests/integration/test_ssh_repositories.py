@@ -213,3 +213,51 @@ def test_unknown_host_key_is_refused_by_the_engines_too(
         api.initialize_repository(repository)
 
     assert raised.value.hint is not None and "homesafe repo trust" in raised.value.hint
+
+
+def negotiated_cipher(server: Sshd, repository: Repository) -> str:
+    """The cipher homesafe's ssh options make ssh agree with ``server`` on, as ``ssh -v``
+    reports it."""
+    argv = repositories.ssh_command(repository.parsed_location)
+    completed = subprocess.run(
+        [argv[0], "-v", *argv[1:], "true"], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    reported = [
+        line.split("cipher:", 1)[1].split()[0]
+        for line in completed.stderr.splitlines()
+        if "kex: client->server cipher:" in line
+    ]
+    assert len(reported) == 1, completed.stderr
+    return reported[0]
+
+
+def test_ssh_prefers_aes_gcm_where_the_cpu_has_aes_instructions(
+    homesafe_env: Path, sshd: Sshd, tmp_path: Path
+) -> None:
+    repository = trusted(sshd, remote(sshd, "borg", tmp_path / "repository"))
+
+    expected = (
+        "aes256-gcm@openssh.com"
+        if repositories.has_aes_instructions()
+        else "chacha20-poly1305@openssh.com"
+    )
+    assert negotiated_cipher(sshd, repository) == expected
+
+
+def test_a_server_that_allows_other_ciphers_only_is_still_reached(
+    homesafe_env: Path, tmp_path: Path
+) -> None:
+    reason = sshd_support.available()
+    if reason:
+        pytest.skip(reason)
+    server = Sshd(tmp_path / "sshd", extra_config="Ciphers aes256-ctr\n")
+    server.start()
+    try:
+        repository = trusted(server, remote(server, "borg", tmp_path / "repository"))
+
+        assert negotiated_cipher(server, repository) == "aes256-ctr"
+        assert api.initialize_repository(repository) is True
+        assert api.list_archives(repository) == []
+    finally:
+        server.close()

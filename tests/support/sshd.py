@@ -57,8 +57,10 @@ def free_port() -> int:
 class Sshd:
     """One sshd on 127.0.0.1:``port``; :meth:`close` stops it."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, extra_config: str = "") -> None:
+        """``extra_config``: sshd_config lines added to the usual ones."""
         self.directory = directory
+        self.extra_config = extra_config
         directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.host_key = directory / "host_ed25519"
@@ -100,6 +102,7 @@ class Sshd:
                 directory=self.directory,
                 authorized_keys=self.authorized_keys,
             )
+            + self.extra_config
         )
         self.process = subprocess.Popen(
             [SSHD, "-D", "-f", str(self.config), "-E", str(self.log)],

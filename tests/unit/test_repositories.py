@@ -275,3 +275,44 @@ def test_s3_credentials_come_from_the_secret_file_or_the_environment(
         "AWS_ACCESS_KEY_ID": "from-file",
         "AWS_SECRET_ACCESS_KEY": "file-secret",
     }
+
+
+@pytest.mark.parametrize(
+    ("cpu_information", "expected"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2\n", False),
+        ("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+        # Only a whole word counts: "vaes" alone is no "aes".
+        ("flags\t\t: vaes\n", False),
+        ("", False),
+    ],
+)
+def test_aes_instructions_are_read_from_cpuinfo(
+    tmp_path: Path, cpu_information: str, expected: bool
+) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpu_information)
+    assert repositories.has_aes_instructions(path) is expected
+
+
+def test_an_unreadable_cpuinfo_means_no_aes_instructions(tmp_path: Path) -> None:
+    assert repositories.has_aes_instructions(tmp_path / "missing") is False
+
+
+@pytest.mark.parametrize("aes", [True, False])
+def test_ssh_options_put_aes_gcm_first_only_with_aes_instructions(
+    homesafe_env: Path, monkeypatch: pytest.MonkeyPatch, aes: bool
+) -> None:
+    monkeypatch.setattr(repositories, "has_aes_instructions", lambda: aes)
+
+    options = repositories.ssh_options()
+
+    ciphers = [option for option in options if option.startswith("Ciphers=")]
+    if aes:
+        assert ciphers == ["Ciphers=" + ",".join(repositories.AES_FIRST_CIPHERS)]
+        assert repositories.AES_FIRST_CIPHERS[0].startswith("aes256-gcm")
+    else:
+        assert ciphers == []
+    assert options[: len(repositories.ssh_access_options())] == repositories.ssh_access_options()
