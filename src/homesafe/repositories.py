@@ -24,7 +24,8 @@ Remote locations reached over ssh use homesafe's own client key
 ``known_hosts``: host keys are trusted on first use only after the person confirmed the
 fingerprint (or gave it), and a changed host key stops everything. An unreachable host, a
 refused client key and a changed or unknown host key each have an error of their own.
-On a CPU with AES instructions, AES-GCM comes first among the ciphers ssh offers.
+On a CPU with AES instructions, AES-GCM comes first among the ciphers ssh offers (not in
+restic's sftp command: see :func:`ssh_command`).
 """
 
 from __future__ import annotations
@@ -578,9 +579,10 @@ def ssh_access_options() -> list[str]:
     ]
 
 
-def ssh_command(location: Location) -> list[str]:
-    """``ssh`` with homesafe's options, the port and ``user@host`` of ``location``."""
-    argv = ["ssh", *ssh_options()]
+def ssh_command(location: Location, *, tuned: bool = True) -> list[str]:
+    """``ssh`` with homesafe's options (without :func:`ssh_tuning_options` unless
+    ``tuned``), the port and ``user@host`` of ``location``."""
+    argv = ["ssh", *(ssh_options() if tuned else ssh_access_options())]
     if location.port:
         argv += ["-p", str(location.port)]
     return [*argv, f"{location.user}@{location.host}"]

@@ -215,7 +215,8 @@ def common_options(repository: Repository) -> list[str]:
     location = repository.parsed_location
     if location.kind == "sftp":
         # restic runs this instead of its own ssh call and keeps only the path of the URL.
-        command = [*ssh_command(location), "-s", "sftp"]
+        # Without the cipher list: restic 0.14 splits an option's value at its commas.
+        command = [*ssh_command(location, tuned=False), "-s", "sftp"]
         options += ["-o", f"sftp.command={shlex.join(command)}"]
     return options
 
