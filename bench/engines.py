@@ -18,7 +18,9 @@ homesafe runs, with the same options, into a repository of its own (``borg creat
 ``restic restore``); a raw restic repository starts as a copy of homesafe's, just
 initialized, so that both derive their key at the same cost (restic calibrates it anew
 at each ``init``). The app declares one directory: from 128 MiB on, homesafe's borg
-restore shares its entries out between ``borg extract`` calls side by side, where the
+restore shares its entries out between ``borg extract`` calls side by side (over ssh
+too, each call of 96 MiB at least; the first also extracts the directory itself, whose
+times homesafe sets afterwards from the record: see ``homesafe.restore``), where the
 raw side runs one. homesafe's first borg call runs in a borg interpreter started when
 homesafe starts (``homesafe.prestart``): the same borg script, argv, environment and
 passphrase pipe, started earlier. homesafe opens its restic repository with its own key

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import shutil
@@ -430,10 +431,11 @@ def _tree_size(path: str) -> archives.PathSize:
     """Apparent size of ``path`` and everything below it, and how many entries (files,
     directories, links) it holds; symlinks are not followed. For a directory whose
     children a restore may share out (:func:`archives.splittable_children`), also the
-    bytes below each child (see :class:`archives.PathSize`)."""
+    bytes below each child and its own times (see :class:`archives.PathSize`)."""
     total = 0
     entries = 0
     children: dict[str, int] = {}
+    top: os.stat_result | None = None
     # (path, the child of ``path`` it is or lies below; "" for ``path`` itself)
     stack = [(path, "")]
     while stack:
@@ -442,6 +444,8 @@ def _tree_size(path: str) -> archives.PathSize:
             status = os.lstat(current)
         except OSError:
             continue
+        if not child:
+            top = status  # ``path`` itself
         entries += 1
         if not stat.S_ISDIR(status.st_mode):
             total += status.st_size
@@ -463,7 +467,52 @@ def _tree_size(path: str) -> archives.PathSize:
                         children[below] = children.get(below, 0) + size
         except OSError:
             pass
-    return archives.PathSize(total, entries, archives.splittable_children(children))
+    splittable = archives.splittable_children(children)
+    times = _directory_times(path, top) if splittable is not None and top is not None else None
+    return archives.PathSize(total, entries, splittable, times)
+
+
+# Linux inode flags (linux/fs.h) of a directory no entry may be made in or removed from.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x00000010
+FS_APPEND_FL = 0x00000020
+DEFAULT_ACL_ATTRIBUTE = "system.posix_acl_default"
+
+
+def _directory_times(path: str, status: os.stat_result) -> tuple[int, int] | None:
+    """(mtime, ctime) of the directory ``path`` in nanoseconds, as ``status`` has them,
+    if a restore may set its other attributes first and its times last: None when it
+    has a default ACL (entries made in it after the ACL would inherit it) or an
+    immutable or append-only flag (none could be made or removed), or either cannot be
+    read. See :func:`homesafe.restore.plan_extractions`."""
+    import fcntl
+    import struct
+
+    if not stat.S_ISDIR(status.st_mode):
+        return None
+    try:
+        os.getxattr(path, DEFAULT_ACL_ATTRIBUTE, follow_symlinks=False)
+        return None  # it has one
+    except OSError as error:
+        if error.errno not in (errno.ENODATA, errno.ENOTSUP):
+            return None
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        # The kernel reads and writes an int, whatever the request's declared size.
+        flags = struct.unpack("i", fcntl.ioctl(descriptor, FS_IOC_GETFLAGS, b"\0" * 4))[0]
+    except OSError as error:
+        # A file system without inode flags has none to fear.
+        if error.errno not in (errno.ENOTTY, errno.ENOTSUP, errno.EINVAL):
+            return None
+        flags = 0
+    finally:
+        os.close(descriptor)
+    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+        return None
+    return status.st_mtime_ns, status.st_ctime_ns
 
 
 def _measure_sizes(
@@ -1129,8 +1178,9 @@ def _stage_from_record(
     run: _RestoreRun, plans: list[restore.AppPlan], on_progress: ProgressCallback | None
 ) -> list[str]:
     """Stage plans made from a record, and list the archive meanwhile (the apps' paths
-    and the run marker) by a second engine call side by side with the extraction.
-    Returns the extraction's warnings.
+    and the run marker, with times) by a second engine call side by side with the
+    extraction; then settle the directories the extraction left to it
+    (:func:`restore.settle_directories`). Returns the extraction's warnings.
 
     Before anything is verified or swapped, the archive's run marker must be the
     record's (the archive is the very one this host wrote and recorded) and the listing
@@ -1169,22 +1219,24 @@ def _stage_and_list(
         try:
             # The borg started early (if any) is for the extraction, the longer call.
             with prestart.leave_it():
-                return hasty.listing(paths)
+                return hasty.listing(paths, times=True)
         except RepositoryLockedError:
             return None  # made again below, with the whole lock wait
 
+    settled: list[restore.SettledDirectory] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-listing") as pool:
         listed = pool.submit(read_listing)
         # Leaving the pool waits for the listing: it ends before anything else happens,
         # whatever the extraction did.
-        warnings = restore.stage(plans, source, on_progress, alongside=True)
+        warnings = restore.stage(plans, source, on_progress, alongside=True, settled=settled)
         listing = listed.result()
     if listing is None:
-        listing = source.listing(paths)
+        listing = source.listing(paths, times=True)
     if archives.run_markers([entry.path for entry in listing]) != [run.record.run_id]:
         raise _StaleRecord()
     if restore.attach_listing(plans, listing):
         raise _StaleRecord()
+    warnings += restore.settle_directories(settled, listing, source)
     return list(warnings)
 
 

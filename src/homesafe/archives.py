@@ -406,11 +406,15 @@ class PathSize:
     """What one captured path held when measured: bytes of file data, and entries
     (files, directories, links), each of which takes at least a block when staged;
     for a large directory (SPLIT_DIRECTORY_MIN_BYTES), the bytes below each of its
-    children by name (None: not measured)."""
+    children by name (None: not measured), and its own ``times``: (mtime, ctime) in
+    nanoseconds, when it had neither a default ACL nor a flag that keeps entries from
+    being made or removed in it (None otherwise; see
+    :func:`homesafe.restore.plan_extractions`)."""
 
     bytes: int
     entries: int
     children: dict[str, int] | None = None
+    times: tuple[int, int] | None = None
 
 
 @dataclass
@@ -458,11 +462,7 @@ def save_record(
         document = {
             "format": RECORD_FORMAT,
             "location": location,
-            "sizes": {
-                path: [size.bytes, size.entries]
-                + ([size.children] if size.children is not None else [])
-                for path, size in sizes.items()
-            },
+            "sizes": {path: _size_document(size) for path, size in sizes.items()},
             "archive_id": archive_id,
         }
         (partial / RECORD_FILE).write_text(json.dumps(document, sort_keys=True))
@@ -472,6 +472,31 @@ def save_record(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     _prune_records(parent)
+
+
+def _size_document(size: PathSize) -> list[Any]:
+    """``[bytes, entries]``, then the children (if measured), then the times (if
+    measured, which they are only with the children)."""
+    document: list[Any] = [size.bytes, size.entries]
+    if size.children is not None:
+        document.append(size.children)
+        if size.times is not None:
+            document.append(list(size.times))
+    return document
+
+
+def _size_from_document(document: Any) -> PathSize:
+    """The inverse of :func:`_size_document` (raises on anything else)."""
+    children = document[2] if len(document) > 2 else None
+    times = document[3] if len(document) > 3 else None
+    return PathSize(
+        int(document[0]),
+        int(document[1]),
+        {str(name): int(count) for name, count in children.items()}
+        if children is not None
+        else None,
+        (int(times[0]), int(times[1])) if times is not None else None,
+    )
 
 
 def _prune_records(parent: Path) -> None:
@@ -515,16 +540,7 @@ def load_record(directory: Path | None, location: str) -> ArchiveRecord | None:
     ):
         return None
     try:
-        sizes = {
-            str(path): PathSize(
-                int(size[0]),
-                int(size[1]),
-                {str(name): int(count) for name, count in size[2].items()}
-                if len(size) > 2
-                else None,
-            )
-            for path, size in document["sizes"].items()
-        }
+        sizes = {str(path): _size_from_document(size) for path, size in document["sizes"].items()}
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
     archive_id = document.get("archive_id", "")

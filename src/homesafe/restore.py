@@ -50,10 +50,15 @@ DISCARD_THREADS = 4
 DISCARD_QUEUED_DIRECTORIES = 64
 # The least an engine call of a restore made side by side with others extracts: each
 # call pays the engine's start-up again (borg: ~0.1 s of CPU without its self-tests).
-# From a remote repository it also opens a connection and starts `borg serve` there:
-# 200 MB over ssh (to a server on the same 2 cores) took 3.5 s in two calls, 2.8 s in one.
+# From a remote repository it also opens a connection and starts `borg serve` there
+# (~0.7 s of CPU between both ends): over ssh, to a server on the same 2 cores, raw
+# `borg extract` of 206 MB in two calls took 0.80 of one call, of 129 MB 1.00. Where a
+# directory shared out needs a last call (no record with its times: see
+# plan_extractions), that call is one more connection after the others: 200 MB took
+# 3.5 s in two calls and the last, 2.8 s in one.
 PARALLEL_EXTRACTION_MIN_BYTES = 64 * 1024 * 1024
-REMOTE_PARALLEL_EXTRACTION_MIN_BYTES = 256 * 1024 * 1024
+REMOTE_PARALLEL_EXTRACTION_MIN_BYTES = 96 * 1024 * 1024
+REMOTE_UNSETTLED_EXTRACTION_MIN_BYTES = 256 * 1024 * 1024
 
 
 class RestoreError(HomesafeError):
@@ -169,8 +174,9 @@ class PathPlan:
     # Bytes it will take once staged, when planned from a record (no listing yet).
     expected_bytes: int = 0
     # Bytes below each of its children, when planned from a record that measured them
-    # (a large directory: see archives.PathSize).
+    # (a large directory: see archives.PathSize), and its own (mtime, ctime) then.
     expected_children: dict[str, int] | None = None
+    expected_times: tuple[int, int] | None = None
 
     @property
     def archive_path(self) -> str:
@@ -253,7 +259,8 @@ def plan_from_record(
             size = sizes.get(path)
             expected = size.bytes + size.entries * BLOCK_OVERHEAD_BYTES if size else 0
             children = size.children if size else None
-            path_plans.append(PathPlan(path, target, in_archive, area, expected, children))
+            times = size.times if size else None
+            path_plans.append(PathPlan(path, target, in_archive, area, expected, children, times))
         plans.append(AppPlan(app_id, path_plans, [], listed=False))
     return plans
 
@@ -364,17 +371,21 @@ def require_space(plans: Iterable[AppPlan]) -> None:
 class Extraction:
     """One engine call of a restore: archive paths extracted into one staging area,
     but for ``excludes`` (paths left out with what lies below them). A ``last`` call
-    is made once every other call of the restore has ended."""
+    is made once every other call of the restore has ended. ``settled``: directories
+    shared out between calls whose own entry this call extracts (their children that
+    other calls extract are among ``excludes``), while the others may still write into
+    them; their times are set once all have ended (:func:`settle_directories`)."""
 
     area: StagingArea
     paths: list[str] = field(default_factory=list)
     size: int = 0
     excludes: list[str] = field(default_factory=list)
     last: bool = False
+    settled: list[str] = field(default_factory=list)
 
 
 def plan_extractions(
-    plans: list[AppPlan], concurrency: int, minimum_bytes: int
+    plans: list[AppPlan], concurrency: int, minimum_bytes: int, *, settle: bool = False
 ) -> list[Extraction]:
     """The engine calls that stage ``plans``: one per staging area (filesystem), and an
     area's paths split into up to ``concurrency`` calls made side by side.
@@ -384,13 +395,25 @@ def plan_extractions(
     engine's own rules hold within it; a path inside another, as two apps may share a
     tree, goes with it), except for a directory larger than a fair share whose
     children's sizes are known (:func:`staged_children`): its children are dealt out
-    instead, and the directory itself, without them, is extracted by a ``last`` call,
-    so that its own metadata (times above all) is set after everything written into it.
-    That call also extracts any child the sizes did not know of. Paths are dealt out
-    largest first, each to the call with the least so far, which keeps the calls close
-    in size.
+    instead. The directory itself, without them, is then extracted by a ``last`` call,
+    so that its own metadata (times above all) is set after everything written into it;
+    that call also extracts any child the sizes did not know of.
+
+    With ``settle`` (the caller then calls :func:`settle_directories` once it has the
+    archive's listing with times, and runs as root: no mode keeps it from writing into
+    a directory), a directory whose times were measured at backup time
+    (:attr:`PathPlan.expected_times`: it had no default ACL and no flag that keeps entries
+    from being made in it) needs no last call: the first call holding one of its
+    children extracts the directory instead, but for the children dealt to other
+    calls, and so also the children the sizes did not know of. Its mode, owner, ACLs
+    and extended attributes are borg's; creating entries in it changes its times only,
+    which :func:`settle_directories` sets afterwards.
+
+    Paths are dealt out largest first, each to the call with the least so far, which
+    keeps the calls close in size.
     """
     by_area: dict[int, tuple[StagingArea, dict[str, int], dict[str, dict[str, int] | None]]] = {}
+    settleable: set[str] = set()
     for app_plan in plans:
         for path_plan in app_plan.paths:
             if path_plan.in_archive:
@@ -404,6 +427,8 @@ def plan_extractions(
                 children[path_plan.archive_path] = (
                     staged_children(app_plan, path_plan) if splittable else None
                 )
+                if settle and not app_plan.listed and path_plan.expected_times is not None:
+                    settleable.add(path_plan.archive_path)
     extractions = []
     for area, sizes, children in by_area.values():
         roots: dict[str, int] = {}
@@ -431,6 +456,15 @@ def plan_extractions(
             lightest.paths.append(path)
             lightest.size += units[path]
         extractions += calls
+        for root in sorted(split.keys() & settleable):
+            dealt = set(split.pop(root))
+            holders = [call for call in calls if dealt.intersection(call.paths)]
+            own = holders[0]
+            own.paths = [path for path in own.paths if not is_inside(path, root)] + [root]
+            own.excludes += sorted(
+                path for call in holders[1:] for path in call.paths if is_inside(path, root)
+            )
+            own.settled.append(root)
         if split:
             excludes = [child for root in sorted(split) for child in split[root]]
             extractions.append(Extraction(area, sorted(split), 0, excludes, last=True))
@@ -472,35 +506,87 @@ class _CombinedProgress:
         return report
 
 
+@dataclass
+class SettledDirectory:
+    """A directory one extraction extracted while others wrote into it (see
+    :attr:`Extraction.settled`): its times are set by :func:`settle_directories`."""
+
+    area: StagingArea
+    path: str  # archive path
+    times: tuple[int, int]  # (mtime, ctime) in nanoseconds, measured at backup time
+    hold: Path  # a file that keeps it from being empty until then
+
+    @property
+    def staged(self) -> Path:
+        assert self.area.root is not None
+        return self.area.root / "new" / self.path
+
+
+HOLD_PREFIX = ".homesafe-hold-"
+
+
 def stage(
     plans: list[AppPlan],
     source: ArchiveSource,
     on_progress: ProgressCallback | None,
     *,
     alongside: bool = False,
+    settled: list[SettledDirectory] | None = None,
 ) -> list[str]:
     """Extract every planned path into its staging area, in the calls
-    :func:`plan_extractions` makes for the source's ``extract_concurrency`` (each of at
-    least PARALLEL_EXTRACTION_MIN_BYTES, or REMOTE_PARALLEL_EXTRACTION_MIN_BYTES from a
-    remote source): those made side by side first, then the ``last`` ones.
+    :func:`plan_extractions` makes for the source's ``extract_concurrency``: those made
+    side by side first, then the ``last`` ones. Each call extracts at least
+    PARALLEL_EXTRACTION_MIN_BYTES; from a remote source REMOTE_PARALLEL_EXTRACTION_MIN_BYTES
+    when no directory shared out would need a last call, else
+    REMOTE_UNSETTLED_EXTRACTION_MIN_BYTES.
+
+    ``settled``: a list the caller will hand to :func:`settle_directories` once it has
+    the archive's listing with times; when homesafe runs as root, the directories whose
+    times are left to it are appended to it (see ``settle`` in
+    :func:`plan_extractions`). Each is given a file of
+    its own before the calls start, so that it is never empty: an extraction of a
+    directory that finds it empty removes it and makes it again, which would pull it
+    from under another call writing into it.
 
     Calls made side by side, with each other or (``alongside``) with another engine call
     of the caller's, are made through ``source.hasty()``; one that found the repository
     locked is made again through ``source`` once the others ended. They all run to their
     end, and the first error is raised then. Returns the engine's warnings.
     """
-    minimum = (
-        REMOTE_PARALLEL_EXTRACTION_MIN_BYTES if source.remote else PARALLEL_EXTRACTION_MIN_BYTES
-    )
-    extractions = plan_extractions(plans, source.extract_concurrency, minimum)
+    settle = settled is not None and os.geteuid() == 0
+    if not source.remote:
+        minimum = PARALLEL_EXTRACTION_MIN_BYTES
+    elif settle and all(
+        path_plan.expected_times is not None
+        for app_plan in plans
+        for path_plan in app_plan.paths
+        if path_plan.expected_children is not None
+    ):
+        minimum = REMOTE_PARALLEL_EXTRACTION_MIN_BYTES
+    else:
+        minimum = REMOTE_UNSETTLED_EXTRACTION_MIN_BYTES
+    extractions = plan_extractions(plans, source.extract_concurrency, minimum, settle=settle)
     for app_plan in plans:
         for path_plan in app_plan.paths:
             path_plan.area.create()
+    times = {
+        path_plan.archive_path: path_plan.expected_times
+        for app_plan in plans
+        for path_plan in app_plan.paths
+    }
     for extraction in extractions:
         assert extraction.area.root is not None
         for path in extraction.paths:
             # Made beforehand: engines side by side would race to make them.
             (extraction.area.root / "new" / path).parent.mkdir(parents=True, exist_ok=True)
+        for path in extraction.settled:
+            directory = extraction.area.root / "new" / path
+            directory.mkdir(parents=True, exist_ok=True)
+            hold = directory / f"{HOLD_PREFIX}{os.urandom(8).hex()}"
+            hold.touch(exist_ok=False)
+            path_times = times[path]
+            assert settled is not None and path_times is not None
+            settled.append(SettledDirectory(extraction.area, path, path_times, hold))
     combined = _CombinedProgress(on_progress, len(extractions)) if on_progress else None
     side_by_side = alongside or len(extractions) > 1
     first_source = source.hasty() if side_by_side else source
@@ -524,6 +610,58 @@ def stage(
                 raise outcome
             warnings += outcome
     return warnings
+
+
+def settle_directories(
+    settled: list[SettledDirectory], listing: list[ArchiveEntry], source: ArchiveSource
+) -> list[str]:
+    """Set the times of directories :func:`stage` left to it, with the archive's
+    ``listing`` made with times; returns the engine's warnings.
+
+    Each loses its file that kept it from being empty. Its mtime (and atime: an archive
+    homesafe wrote keeps no atime, and borg then sets the mtime for both) is the one
+    measured at backup time, if the archive holds the same mtime and ctime (to the
+    microsecond its listing gives): the directory did not change between the moment the
+    engine read it and the measuring, so its mode, owner, ACLs, extended attributes and
+    flags as measured (no default ACL, no flag that keeps entries out) are the
+    archive's too. Otherwise the directory, without its children, is extracted once
+    more, as a ``last`` call would have (see :func:`plan_extractions`).
+    """
+    by_path = {entry.path: entry for entry in listing}
+    again: dict[int, tuple[StagingArea, list[str], list[str]]] = {}
+    for directory in settled:
+        directory.hold.unlink()
+        mtime, ctime = directory.times
+        entry = by_path.get(directory.path)
+        if entry is not None and same_time(entry.mtime, mtime) and same_time(entry.ctime, ctime):
+            os.utime(directory.staged, ns=(mtime, mtime), follow_symlinks=False)
+            continue
+        area, paths, excludes = again.setdefault(directory.area.device, (directory.area, [], []))
+        paths.append(directory.path)
+        below = directory.path + "/"
+        excludes += [
+            entry.path
+            for entry in listing
+            if entry.path.startswith(below) and "/" not in entry.path[len(below) :]
+        ]
+    warnings: list[str] = []
+    for area, paths, excludes in again.values():
+        assert area.root is not None
+        warnings += source.extract(paths, area.root / "new", None, excludes)
+    return warnings
+
+
+def same_time(text: str, nanoseconds: int) -> bool:
+    """Whether ``text`` (an ISO 8601 time as an engine lists it; without a zone: local
+    time) is ``nanoseconds`` since the epoch, to the microsecond it is given to
+    (rounded either way: borg goes through a float)."""
+    import datetime
+
+    try:
+        listed = datetime.datetime.fromisoformat(text).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return False
+    return abs(listed - nanoseconds / 1e9) <= 2e-6
 
 
 def _extract_side_by_side(

@@ -117,9 +117,10 @@ class EngineSource:
                 archives.load_reference_settings(description, directory)
             return description
 
-    def listing(self, paths: Sequence[str] = ()) -> list[ArchiveEntry]:
-        """The archive's entries (those below ``paths`` when given)."""
-        return self.engine.list_contents(self.repository, self.archive_name, paths)
+    def listing(self, paths: Sequence[str] = (), *, times: bool = False) -> list[ArchiveEntry]:
+        """The archive's entries (those below ``paths`` when given); with ``times``, with
+        their times (see :meth:`homesafe.engines.base.Engine.list_contents`)."""
+        return self.engine.list_contents(self.repository, self.archive_name, paths, times=times)
 
     def by_id(self, archive_id: str) -> EngineSource:
         """This archive addressed by the engine's id of it (restic: a snapshot id) rather

@@ -548,7 +548,8 @@ def test_a_restore_over_ssh_shares_out_only_what_pays_for_another_connection(
 ) -> None:
     """Each `borg extract` over ssh opens a connection and starts `borg serve`: where
     calls on a local repository would share the apps out (any size, here), one over
-    ssh takes them all unless each call gets REMOTE_PARALLEL_EXTRACTION_MIN_BYTES."""
+    ssh takes them all unless each call gets REMOTE_PARALLEL_EXTRACTION_MIN_BYTES (a
+    restore from a record, as here)."""
     from homesafe import restore
     from homesafe.engines import engine_for
 

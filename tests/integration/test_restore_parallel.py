@@ -35,7 +35,7 @@ from tests.integration.test_restore_reads import (
 )
 from tests.integration.test_restore_staged import borg_wrapper, data_extraction
 from tests.integration.test_roundtrip import snapshot_tree
-from tests.support.apps import describe, to_toml
+from tests.support.apps import DEFAULT_ACL, describe, to_toml
 
 pytestmark = requires_program("borg")
 
@@ -48,6 +48,7 @@ CALLS = 3
 def split_extractions(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(restore, "PARALLEL_EXTRACTION_MIN_BYTES", 1)
     monkeypatch.setattr(restore, "REMOTE_PARALLEL_EXTRACTION_MIN_BYTES", 1)
+    monkeypatch.setattr(restore, "REMOTE_UNSETTLED_EXTRACTION_MIN_BYTES", 1)
     monkeypatch.setattr(BorgEngine, "extract_concurrency", CALLS)
 
 
@@ -296,39 +297,56 @@ def deep_state(base: Path) -> tuple[object, ...]:
 
 
 @pytest.mark.parametrize("named", ["one-by-one", "by-patterns"])
-@pytest.mark.parametrize("record", ["whole", "missing-a-child", "none"])
-def test_a_large_directory_is_extracted_child_by_child_then_itself_last(
+@pytest.mark.parametrize(
+    "record", ["whole", "missing-a-child", "changed-times", "default-acl", "none"]
+)
+def test_a_large_directory_is_extracted_child_by_child_and_itself_exactly(
     homesafe_env: Path,
     write_manifest: ManifestWriter,
     monkeypatch: pytest.MonkeyPatch,
     record: str,
     named: str,
 ) -> None:
-    """Its children are dealt out to the calls side by side; the directory itself,
-    without them, is extracted by one more call once they ended, so that its times and
-    mode are borg's. A child the record does not know (one made during the backup)
-    is extracted by that last call. The children are named to borg one by one, or (as
-    beyond borg.PATH_PATTERNS_MAX of them) by regular expressions."""
+    """Its children are dealt out to the calls side by side, and the result is what one
+    call gives: the directory's times and mode are borg's.
+
+    From a record that measured the directory's times, the first call extracts the
+    directory itself too, but for the children dealt to the others (so also a child
+    the record does not know, made during the backup), and its times are set from the
+    record once all calls ended: no call more. Without a record, when the archive's
+    times are not the record's, or when the directory has a default ACL (entries made
+    in it after the ACL would inherit it), one more call extracts the directory
+    without its children, once every other one has ended. The children are named to
+    borg one by one, or (as beyond borg.PATH_PATTERNS_MAX of them) by regular
+    expressions."""
     monkeypatch.setattr(archives, "SPLIT_DIRECTORY_MIN_BYTES", 1)
     if named == "by-patterns":
         monkeypatch.setattr(borg, "PATH_PATTERNS_MAX", 0)
     base = write_deep_app(write_manifest, homesafe_env / "srv")
+    data = base / "data"
+    if record == "default-acl":
+        try:
+            os.setxattr(data, "system.posix_acl_default", DEFAULT_ACL)
+        except OSError as error:
+            pytest.skip(f"no ACLs on this file system: {error}")
+        os.utime(data, (1_600_000_000, 1_600_000_000))
     expected = deep_state(base)
     assert len(links(base)) == 1
     backup = api.backup_apps()
     record_file = record_of(homesafe_env, backup.archive) / archives.RECORD_FILE
     document = json.loads(record_file.read_text())
-    assert sorted(document["sizes"][str(base / "data")][2]) == [
-        "README",
-        "index.db",
-        "mail",
-        "music",
-        "photos",
-    ]
+    measured = document["sizes"][str(data)]
+    assert sorted(measured[2]) == ["README", "index.db", "mail", "music", "photos"]
+    if record == "default-acl":
+        assert len(measured) == 3  # no times: the directory is extracted last
+    else:
+        assert measured[3] == [data.lstat().st_mtime_ns, data.lstat().st_ctime_ns]
     if record == "missing-a-child":
-        del document["sizes"][str(base / "data")][2]["mail"]
-        record_file.write_text(json.dumps(document))
-    elif record == "none":
+        del measured[2]["mail"]
+    elif record == "changed-times":
+        measured[3][1] += 1_000_000  # as if the directory changed after borg read it
+    record_file.write_text(json.dumps(document))
+    if record == "none":
         shutil.rmtree(record_file.parent)
     change_deep_app(base)
     log = logging_borg(homesafe_env, monkeypatch)
@@ -337,8 +355,14 @@ def test_a_large_directory_is_extracted_child_by_child_then_itself_last(
 
     assert result.status == "ok", describe(result)
     assert deep_state(base) == expected
-    assert stat.S_IMODE((base / "data").stat().st_mode) == 0o750
+    assert stat.S_IMODE(data.stat().st_mode) == 0o750
+    assert not [name for name in os.listdir(data) if name.startswith(restore.HOLD_PREFIX)]
+    if record == "default-acl":
+        assert os.getxattr(data, "system.posix_acl_default") == DEFAULT_ACL
     calls = [line for line in log.read_text().splitlines() if line.endswith(" extract")]
+    if record in ("whole", "missing-a-child"):
+        assert calls.count("begin extract") == CALLS, calls
+        return
     assert calls.count("begin extract") == CALLS + 1, calls
     # The last call begins once every other one has ended.
     assert calls[-2:] == ["begin extract", "end extract"], calls

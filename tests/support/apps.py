@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,12 @@ def ticks(daemon: Any) -> list[float]:
 def only(items: Sequence[Any]) -> Any:
     assert len(items) == 1, items
     return items[0]
+
+
+# A minimal default ACL, in the binary form of the system.posix_acl_default attribute
+# (set without setfacl): version 2, then (tag, permissions, id) for the owner (rwx), the
+# group (r-x) and others (r-x).
+DEFAULT_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, permissions, 0xFFFFFFFF)
+    for tag, permissions in ((0x01, 7), (0x04, 5), (0x20, 5))
+)

@@ -246,6 +246,9 @@ def test_a_record_holds_the_metadata_run_marker_and_sizes(tmp_path: Path) -> Non
     sizes = {
         "/srv/notes": archives.PathSize(1234, 7),
         "/srv/media": archives.PathSize(9000, 5, {"films": 8000, "poster.png": 1000}),
+        "/srv/photos": archives.PathSize(
+            7000, 3, {"2024": 7000}, (1_600_000_000_123_456_789, 1_600_000_001_000_000_001)
+        ),
     }
 
     archives.save_record(directory, staging, "/repo", sizes)

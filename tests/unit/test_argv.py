@@ -219,6 +219,23 @@ def test_list_contents_argv_asks_for_nul_separated_fields(repository: Repository
         "{type}{NUL}{mode}{NUL}{size}{NUL}{user}{NUL}{group}{NUL}{linktarget}{NUL}{path}{NUL}"
     )
     assert argv[-1] == f"{repository.location}::{ARCHIVE}"
+    timed = borg.list_contents_argv(repository, ARCHIVE, [], times=True)
+    assert timed[timed.index("--format") + 1].endswith("{path}{NUL}{isomtime}{NUL}{isoctime}{NUL}")
+
+
+def test_parse_contents_reads_the_times_when_asked_for() -> None:
+    output = "d\0drwxr-xr-x\x000\0root\0root\0\0srv/data\0"
+    output += "2020-09-13T12:26:40.123457\x002020-09-13T12:26:41.000000\x00"
+
+    [entry] = borg.parse_contents(output, times=True)
+
+    assert (entry.path, entry.mtime, entry.ctime) == (
+        "srv/data",
+        "2020-09-13T12:26:40.123457",
+        "2020-09-13T12:26:41.000000",
+    )
+    with pytest.raises(EngineError):
+        borg.parse_contents(output)  # read as a listing without times
 
 
 def test_parse_contents_reads_every_field_of_every_entry() -> None:

@@ -4,6 +4,7 @@ restore.join_hard_links, which links again in staging what two calls copied."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from homesafe import archives, restore
 from homesafe.engines.base import ArchiveEntry
 from tests.conftest import requires_root
+from tests.support.apps import DEFAULT_ACL
 
 MIB = 1024 * 1024
 
@@ -113,6 +115,35 @@ def test_a_large_directory_is_split_into_its_children_and_extracted_last(
     ]
 
 
+@requires_root()
+def test_a_directory_with_recorded_times_is_extracted_by_its_first_call_when_settled(
+    tmp_path: Path,
+) -> None:
+    """Its first call extracts it but for the children the other calls extract; no call
+    is made last. Without settling, or without recorded times, the last call stays."""
+    area = restore.StagingArea(1, tmp_path)
+    plan = app_plan("big", area, {"/srv/big/data": 900 * MIB, "/srv/big/etc": 1 * MIB})
+    plan.paths[0].expected_children = {"a": 400 * MIB, "b": 300 * MIB, "c": 200 * MIB}
+    plan.paths[0].expected_times = (1_600_000_000_123_456_789, 1_600_000_001_000_000_000)
+
+    settled = restore.plan_extractions([plan], 2, 64 * MIB, settle=True)
+    unsettled = restore.plan_extractions([plan], 2, 64 * MIB)
+    plan.paths[0].expected_times = None
+    untimed = restore.plan_extractions([plan], 2, 64 * MIB, settle=True)
+
+    described = [
+        (call.paths, call.size // MIB, call.excludes, call.last, call.settled) for call in settled
+    ]
+    assert described == [
+        (["srv/big/etc", "srv/big/data"], 401, ["srv/big/data/b", "srv/big/data/c"], False,
+         ["srv/big/data"]),
+        (["srv/big/data/b", "srv/big/data/c"], 500, [], False, []),
+    ]  # fmt: skip
+    for planned in (unsettled, untimed):
+        assert [call.last for call in planned] == [False, False, True]
+        assert not any(call.settled for call in planned)
+
+
 def test_a_directory_within_its_share_or_without_concurrency_is_not_split(
     tmp_path: Path,
 ) -> None:
@@ -201,3 +232,52 @@ def test_a_link_the_filesystem_refuses_leaves_the_copy_and_warns(tmp_path: Path)
     assert not os.path.samefile(new / "one/file", new / "two/link")
     assert (new / "two/link").read_text() == "data\n"
     assert sorted(os.listdir(new / "two")) == ["link"]
+
+
+NANOSECONDS = 1_600_000_000_123_456_789  # 2020-09-13T12:26:40.123456789Z
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # As borg lists it: local time without a zone, rounded to the microsecond.
+        (datetime.datetime.fromtimestamp(NANOSECONDS / 1e9).isoformat(), True),
+        ("2020-09-13T12:26:40.123457+00:00", True),
+        ("2020-09-13T12:26:40.123456789+00:00", True),  # as restic lists it
+        ("2020-09-13T12:26:40.123466+00:00", False),  # 10 us later
+        ("2020-09-13T12:26:41.123457+00:00", False),
+        ("", False),
+        ("not a time", False),
+    ],
+)
+def test_a_listed_time_is_compared_to_the_microsecond(text: str, expected: bool) -> None:
+    assert restore.same_time(text, NANOSECONDS) is expected
+
+
+@requires_root()
+def test_directory_times_are_kept_only_where_entries_may_be_made_freely(
+    tmp_path: Path,
+) -> None:
+    from homesafe import api
+
+    plain, with_acl, frozen, appended = (tmp_path / name for name in ("a", "b", "c", "d"))
+    for directory in (plain, with_acl, frozen, appended):
+        directory.mkdir()
+    file = tmp_path / "file"
+    file.write_text("x\n")
+    try:
+        os.setxattr(with_acl, "system.posix_acl_default", DEFAULT_ACL)
+    except OSError as error:
+        pytest.skip(f"no ACLs on this file system: {error}")
+    subprocess.run(["chattr", "+i", str(frozen)], check=True)
+    subprocess.run(["chattr", "+a", str(appended)], check=True)
+    try:
+        status = plain.lstat()
+        assert api._directory_times(str(plain), status) == (
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+        )
+        for refused in (with_acl, frozen, appended, file):
+            assert api._directory_times(str(refused), refused.lstat()) is None, refused
+    finally:
+        subprocess.run(["chattr", "-i", "-a", str(frozen), str(appended)], check=True)

@@ -110,6 +110,10 @@ class ArchiveEntry:
     user: str = ""
     group: str = ""
     link_target: str = ""
+    # Modification and change times as the engine prints them (ISO 8601, borg: local
+    # time to the microsecond), when a listing was asked for them; empty otherwise.
+    mtime: str = ""
+    ctime: str = ""
 
 
 @dataclass
@@ -239,8 +243,16 @@ class Engine(Protocol):
     def list_archives(self, repository: Repository) -> list[ArchiveSummary]: ...
 
     def list_contents(
-        self, repository: Repository, archive_name: str, paths: Sequence[str] = ()
-    ) -> list[ArchiveEntry]: ...
+        self,
+        repository: Repository,
+        archive_name: str,
+        paths: Sequence[str] = (),
+        *,
+        times: bool = False,
+    ) -> list[ArchiveEntry]:
+        """The archive's entries below ``paths`` (all when empty); with ``times``, with
+        their ``mtime`` and ``ctime`` where the engine gives them (borg does)."""
+        ...
 
     def extract(
         self,

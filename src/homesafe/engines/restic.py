@@ -846,7 +846,12 @@ class ResticEngine:
         ]
 
     def list_contents(
-        self, repository: Repository, archive_name: str, paths: Sequence[str] = ()
+        self,
+        repository: Repository,
+        archive_name: str,
+        paths: Sequence[str] = (),
+        *,
+        times: bool = False,
     ) -> list[ArchiveEntry]:
         key = (restic_location(repository), archive_name)
         completed = run_restic(repository, ls_argv(repository, archive_name))
@@ -873,6 +878,9 @@ class ResticEngine:
                     user=str(record.get("uid", "")),
                     group=str(record.get("gid", "")),
                     link_target=str(record.get("linktarget", "")),
+                    # restic prints them whatever is asked (RFC 3339, to the nanosecond).
+                    mtime=str(record.get("mtime", "")) if times else "",
+                    ctime=str(record.get("ctime", "")) if times else "",
                 )
             )
         return entries
