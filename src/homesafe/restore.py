@@ -522,6 +522,8 @@ class SettledDirectory:
         return self.area.root / "new" / self.path
 
 
+# The name of the file that keeps a settled directory from being empty, with 16 random
+# hex digits after it (no archived entry is expected to bear one).
 HOLD_PREFIX = ".homesafe-hold-"
 
 
@@ -543,10 +545,9 @@ def stage(
     ``settled``: a list the caller will hand to :func:`settle_directories` once it has
     the archive's listing with times; when homesafe runs as root, the directories whose
     times are left to it are appended to it (see ``settle`` in
-    :func:`plan_extractions`). Each is given a file of
-    its own before the calls start, so that it is never empty: an extraction of a
-    directory that finds it empty removes it and makes it again, which would pull it
-    from under another call writing into it.
+    :func:`plan_extractions`). Each is given a file of its own before the calls start,
+    so that it is never empty: an extraction of a directory that finds it empty removes
+    it and makes it again, which would pull it from under another call writing into it.
 
     Calls made side by side, with each other or (``alongside``) with another engine call
     of the caller's, are made through ``source.hasty()``; one that found the repository
