@@ -472,10 +472,6 @@ def _tree_size(path: str) -> archives.PathSize:
     return archives.PathSize(total, entries, splittable, times)
 
 
-# Linux inode flags (linux/fs.h) of a directory no entry may be made in or removed from.
-FS_IOC_GETFLAGS = 0x80086601
-FS_IMMUTABLE_FL = 0x00000010
-FS_APPEND_FL = 0x00000020
 DEFAULT_ACL_ATTRIBUTE = "system.posix_acl_default"
 
 
@@ -485,8 +481,7 @@ def _directory_times(path: str, status: os.stat_result) -> tuple[int, int] | Non
     has a default ACL (entries made in it after the ACL would inherit it) or an
     immutable or append-only flag (none could be made or removed), or either cannot be
     read. See :func:`homesafe.restore.plan_extractions`."""
-    import fcntl
-    import struct
+    from homesafe import allocation
 
     if not stat.S_ISDIR(status.st_mode):
         return None
@@ -496,21 +491,8 @@ def _directory_times(path: str, status: os.stat_result) -> tuple[int, int] | Non
     except OSError as error:
         if error.errno not in (errno.ENODATA, errno.ENOTSUP):
             return None
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        # The kernel reads and writes an int, whatever the request's declared size.
-        flags = struct.unpack("i", fcntl.ioctl(descriptor, FS_IOC_GETFLAGS, b"\0" * 4))[0]
-    except OSError as error:
-        # A file system without inode flags has none to fear.
-        if error.errno not in (errno.ENOTTY, errno.ENOTSUP, errno.EINVAL):
-            return None
-        flags = 0
-    finally:
-        os.close(descriptor)
-    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+    flags = allocation.inode_flags(path)
+    if flags is None or flags & (allocation.FS_IMMUTABLE_FL | allocation.FS_APPEND_FL):
         return None
     return status.st_mtime_ns, status.st_ctime_ns
 
