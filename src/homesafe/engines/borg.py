@@ -265,9 +265,13 @@ LIST_CONTENTS_FIELDS = ("type", "mode", "size", "user", "group", "linktarget", "
 LIST_TIMES_FIELDS = ("isomtime", "isoctime")
 
 
+def list_contents_fields(times: bool) -> tuple[str, ...]:
+    """The fields a listing asks borg for, in order (with ``times``, the times last)."""
+    return LIST_CONTENTS_FIELDS + (LIST_TIMES_FIELDS if times else ())
+
+
 def list_contents_format(times: bool) -> str:
-    fields = LIST_CONTENTS_FIELDS + (LIST_TIMES_FIELDS if times else ())
-    return "".join(f"{{{name}}}{{NUL}}" for name in fields)
+    return "".join(f"{{{name}}}{{NUL}}" for name in list_contents_fields(times))
 
 
 def list_contents_argv(
@@ -289,13 +293,14 @@ def parse_contents(output: str, *, times: bool = False) -> list[ArchiveEntry]:
     """The entries of a listing made by :func:`list_contents_argv` (with ``times`` as
     it was made)."""
     fields = output.split("\0")
-    width = len(LIST_CONTENTS_FIELDS) + (len(LIST_TIMES_FIELDS) if times else 0)
+    width = len(list_contents_fields(times))
+    common = len(LIST_CONTENTS_FIELDS)
     # Every field ends with a NUL: what follows the last one is empty.
     if len(fields) % width != 1 or fields[-1]:
         raise EngineError(f"borg list printed a listing homesafe cannot read: {output[:200]!r}")
     entries = []
     for start in range(0, len(fields) - 1, width):
-        kind, mode, size, user, group, link_target, path = fields[start : start + 7]
+        kind, mode, size, user, group, link_target, path = fields[start : start + common]
         entry = ArchiveEntry(
             path=path,
             type=kind,
@@ -306,7 +311,7 @@ def parse_contents(output: str, *, times: bool = False) -> list[ArchiveEntry]:
             link_target=link_target,
         )
         if times:
-            entry.mtime, entry.ctime = fields[start + 7 : start + 9]
+            entry.mtime, entry.ctime = fields[start + common : start + width]
         entries.append(entry)
     return entries
 
